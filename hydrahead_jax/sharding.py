@@ -1,0 +1,100 @@
+"""Logical axis names -> mesh axes, through one rule table.
+
+Every parameter carries logical axis names as NNX sharding metadata
+(``out_sharding``); activations are constrained with the same names. The one
+table below maps names to mesh axes. Mesh axes that the active mesh lacks are
+dropped, so the same model code runs unsharded, data-parallel, FSDP or tensor
+parallel without change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import jax
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec as P
+
+# Canonical mesh axes, outermost first.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "context"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("conv", None),
+    ("norm", None),
+)
+
+
+def _active_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  return mesh
+
+
+def rules_for_mesh(mesh=None, rules=LOGICAL_RULES):
+  """Returns the rule table restricted to axes present in ``mesh``."""
+  mesh = mesh if mesh is not None else _active_mesh()
+  names = set(mesh.axis_names) if mesh is not None else set()
+  out = []
+  for logical, target in rules:
+    if target is None:
+      out.append((logical, None))
+      continue
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    kept = tuple(t for t in targets if t in names)
+    out.append((logical, kept if len(kept) > 1 else (kept[0] if kept else None)))
+  return tuple(out)
+
+
+def logical_to_pspec(names: Sequence[str | None], mesh=None) -> P:
+  """Maps a tuple of logical axis names to a mesh ``PartitionSpec``."""
+  table = dict(rules_for_mesh(mesh))
+  for n in names:
+    if n is not None and n not in table:
+      raise ValueError(f"logical axis {n!r} has no rule in LOGICAL_RULES")
+  return P(*(table[n] if n is not None else None for n in names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op when no mesh is active."""
+  mesh = _active_mesh()
+  if mesh is None:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {len(names)} names for an array of rank {x.ndim}")
+  return jax.lax.with_sharding_constraint(x, logical_to_pspec(names, mesh))
+
+
+@contextlib.contextmanager
+def axis_rules(mesh=None):
+  """Activates the rule table for flax's ``nnx.get_partition_spec``."""
+  with core_spmd.logical_axis_rules(rules_for_mesh(mesh)):
+    yield
+
+
+def param_pspecs(model_or_state, mesh=None):
+  """Mesh PartitionSpecs of every parameter of a model (or an nnx.State)."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  with axis_rules(mesh):
+    return nnx.get_partition_spec(state)
+
+
+def shard_model(model: nnx.Module, mesh) -> nnx.Module:
+  """Places every parameter of ``model`` on ``mesh`` by its logical axes (in place)."""
+  state = nnx.state(model)
+  specs = param_pspecs(state, mesh)
+  shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+  nnx.update(model, jax.device_put(state, shardings))
+  return model

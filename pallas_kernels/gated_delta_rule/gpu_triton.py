@@ -1,0 +1,424 @@
+"""Pallas (Triton backend) kernels of the chunked gated delta rule, forward and backward.
+
+Kernels (grid over batch and head; the fla-style split of parallel and sequential work):
+  wy_fwd     parallel over chunks: decay, A = StrictTril(beta K K^T Gam), T = (I + A)^-1 (doubling on the
+             matrix units), W = T (beta d K), U = T (beta V), P = scale (Q K^T Gam); writes W, U, P.
+  state_fwd  sequential over chunks, grid also over V tiles: float32 state in registers,
+             Vn = U - W S, O = scale (d Q) S + P Vn, S <- gam S + (e K)^T Vn; optionally writes the
+             chunk-entry states and Vn (for the backward).
+  state_bwd  sequential in reverse: dVn = P^T dO + (e K) dS', dS <- gam dS' + scale (d Q)^T dO - W^T dVn.
+  dqk        parallel over chunks: dq (complete), the read-out / hand-off parts of dk and dgc, and dW.
+  wy_bwd     parallel over chunks: recomputes A and T, back-propagates W and U into dk, dv, dbeta, dgc.
+The backward recomputes W, U and the chunk-entry states from the inputs (nothing per token is saved
+between forward and backward). Arrays keep the caller's [B, T, H, *] layout (no transposes); the gate,
+beta and segment vectors come as [B, H, T] / [B, T].
+
+In Pallas interpret mode (CPU tests) the same kernels run with every chunk in one program
+(chunks_per_program=0) and one V tile, so the grid stays at B x H.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.gated_delta_rule.chunk_math import (Decay, chunk_decay, mm, one_hot_last,
+                                                        strict_lower, wy_matrix)
+
+Array = jax.Array
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling and precision of the Triton kernels (hashable: a static argument)."""
+  block_v: int = 32  # V tile of the sequential kernels
+  chunks_per_program: int = 1  # chunks per program in the parallel kernels; 0: all of them
+  warps_seq: int = 4
+  warps_par: int = 4
+  warps_bwd: int = 8
+  stages: int = 2
+  inv_precision: str = "tf32"  # dots of the 64x64 inverse: 'tf32' | 'tf32x3' | 'bf16x3' | 'ieee'
+  interpret: bool = False
+
+
+INTERPRET = Config(block_v=0, chunks_per_program=0, interpret=True)
+
+_PRECISIONS = {
+    "ieee": lax.Precision.HIGHEST,
+    "tf32": lax.Precision.DEFAULT,
+    "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+}
+
+
+def _precisions(cfg: Config, cd) -> tuple:
+  """(precision of the data matmuls, precision of the float32 inverse matmuls)."""
+  if cfg.interpret:
+    return lax.Precision.HIGHEST, lax.Precision.HIGHEST
+  main = lax.Precision.HIGHEST if jnp.dtype(cd) == jnp.float32 else None
+  inv = lax.Precision.HIGHEST if jnp.dtype(cd) == jnp.float32 else _PRECISIONS[cfg.inv_precision]
+  return main, inv
+
+
+def _loop(n: int, body, init, reverse: bool = False):
+  if n == 1:
+    return body(0, init)
+  if reverse:
+    return lax.fori_loop(0, n, lambda i, c: body(n - 1 - i, c), init)
+  return lax.fori_loop(0, n, body, init)
+
+
+def _rows(ref, t0, C):
+  return ref[pl.ds(t0, C), :]
+
+
+def _vec(ref, t0, C):
+  return ref[pl.ds(t0, C)]
+
+
+def _decay_at(gc_ref, sid_ref, t0, C) -> Decay:
+  sid = None if sid_ref is None else _vec(sid_ref, t0, C)
+  sid_last = None if sid_ref is None else sid_ref[t0 + C - 1]
+  return chunk_decay(_vec(gc_ref, t0, C), gc_ref[t0 + C - 1], sid, sid_last)
+
+
+def _scale_rows(x, s_C, dtype):
+  return (x.astype(f32) * s_C[:, None]).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, w_ref, u_ref, p_ref, *, C, L, scale,
+                   prec, inv_prec):
+  cd = w_ref.dtype
+
+  def chunk(i, carry):
+    t0 = i * C
+    k_CxK, q_CxK = _rows(k_ref, t0, C), _rows(q_ref, t0, C)
+    beta_C = _vec(beta_ref, t0, C)
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    _, _, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
+    t_CxC = t_CxC.astype(cd)
+    w_ref[pl.ds(t0, C), :] = mm(t_CxC, _scale_rows(k_CxK, beta_C * dec.d_C, cd), precision=prec).astype(cd)
+    u_ref[pl.ds(t0, C), :] = mm(t_CxC, _scale_rows(_rows(v_ref, t0, C), beta_C, cd), precision=prec).astype(cd)
+    p_CxC = scale * mm(q_CxK, k_CxK, tb=True, precision=prec) * dec.gam_CxC
+    p_ref[pl.ds(t0, C), :] = p_CxC.astype(cd)
+    return carry
+
+  _loop(L, chunk, 0)
+
+
+def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, gc_ref, sid_ref, h0_ref, o_ref, ht_ref, hs_ref,
+                      vn_ref, *, C, N, scale, prec):
+  cd = w_ref.dtype
+
+  def chunk(n, s_KxV):
+    t0 = n * C
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    s_c = s_KxV.astype(cd)
+    if hs_ref is not None:
+      hs_ref[n] = s_c
+    vn_CxV = _rows(u_ref, t0, C).astype(f32) - mm(_rows(w_ref, t0, C), s_c, precision=prec)
+    vn_c = vn_CxV.astype(cd)
+    if vn_ref is not None:
+      vn_ref[pl.ds(t0, C), :] = vn_c
+    if o_ref is not None:
+      qd_CxK = _scale_rows(_rows(q_ref, t0, C), scale * dec.d_C, cd)
+      o_CxV = mm(qd_CxK, s_c, precision=prec) + mm(_rows(p_ref, t0, C), vn_c, precision=prec)
+      o_ref[pl.ds(t0, C), :] = o_CxV.astype(o_ref.dtype)
+    ke_CxK = _scale_rows(_rows(k_ref, t0, C), dec.e_C, cd)
+    return dec.gam_last * s_KxV + mm(ke_CxK, vn_c, ta=True, precision=prec)
+
+  ht_ref[...] = _loop(N, chunk, h0_ref[...].astype(f32))
+
+
+def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, gc_ref, sid_ref, do_ref, dht_ref, dvn_ref, dhs_ref, dh0_ref,
+                      *, C, N, scale, prec):
+  cd = w_ref.dtype
+
+  def chunk(n, ds_KxV):
+    t0 = n * C
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    ds_c = ds_KxV.astype(cd)
+    dhs_ref[n] = ds_c
+    do_CxV = _rows(do_ref, t0, C)
+    ke_CxK = _scale_rows(_rows(k_ref, t0, C), dec.e_C, cd)
+    dvn_CxV = mm(_rows(p_ref, t0, C), do_CxV, ta=True, precision=prec) + mm(ke_CxK, ds_c, precision=prec)
+    dvn_c = dvn_CxV.astype(cd)
+    dvn_ref[pl.ds(t0, C), :] = dvn_c
+    qd_CxK = _scale_rows(_rows(q_ref, t0, C), scale * dec.d_C, cd)
+    return (dec.gam_last * ds_KxV + mm(qd_CxK, do_CxV, ta=True, precision=prec)
+            - mm(_rows(w_ref, t0, C), dvn_c, ta=True, precision=prec))
+
+  dh0_ref[...] = _loop(N, chunk, dht_ref[...].astype(f32), reverse=True)
+
+
+def _dqk_kernel(q_ref, k_ref, gc_ref, sid_ref, hs_ref, dhs_ref, vn_ref, dvn_ref, do_ref, dq_ref, dk_ref, dw_ref,
+                dgc_ref, *, C, L, scale, prec):
+  cd = hs_ref.dtype
+
+  def chunk(i, carry):
+    t0 = i * C
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    q_CxK, k_CxK = _rows(q_ref, t0, C), _rows(k_ref, t0, C)
+    s_KxV, ds_KxV = hs_ref[i], dhs_ref[i]
+    vn_CxV, do_CxV = _rows(vn_ref, t0, C), _rows(do_ref, t0, C)
+    x_CxK = mm(do_CxV, s_KxV, tb=True, precision=prec)
+    dp_CxC = mm(do_CxV, vn_CxV, tb=True, precision=prec)
+    y_CxK = mm(vn_CxV, ds_KxV, tb=True, precision=prec)
+    dw_ref[pl.ds(t0, C), :] = -mm(_rows(dvn_ref, t0, C), s_KxV, tb=True, precision=prec)
+    dgam = jnp.sum(s_KxV.astype(f32) * ds_KxV.astype(f32))
+    dq_inter_CxK = x_CxK * (scale * dec.d_C)[:, None]
+    pm_CxC = scale * dp_CxC * dec.gam_CxC
+    pm_c = pm_CxC.astype(cd)
+    dq_CxK = dq_inter_CxK + mm(pm_c, k_CxK, precision=prec)
+    dk_CxK = mm(pm_c, q_CxK, ta=True, precision=prec) + y_CxK * dec.e_C[:, None]
+    g1_CxC = pm_CxC * mm(q_CxK, k_CxK, tb=True, precision=prec)
+    z_C = dec.e_C * jnp.sum(k_CxK.astype(f32) * y_CxK, axis=1)
+    dgc_C = (jnp.sum(q_CxK.astype(f32) * dq_inter_CxK, axis=1) + jnp.sum(g1_CxC, axis=1)
+             - jnp.sum(g1_CxC, axis=0) - z_C + one_hot_last(C, jnp.sum(z_C) + dec.gam_last * dgam))
+    dq_ref[pl.ds(t0, C), :] = dq_CxK.astype(dq_ref.dtype)
+    dk_ref[pl.ds(t0, C), :] = dk_CxK
+    dgc_ref[pl.ds(t0, C)] = dgc_C
+    return carry
+
+  _loop(L, chunk, 0)
+
+
+def _wy_bwd_kernel(k_ref, v_ref, gc_ref, beta_ref, sid_ref, dw_ref, du_ref, dk_part_ref, dgc_part_ref, dk_ref,
+                   dv_ref, dbeta_ref, dgc_ref, *, C, L, prec, inv_prec):
+  cd = k_ref.dtype
+
+  def chunk(i, carry):
+    t0 = i * C
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    k_CxK, v_CxV = _rows(k_ref, t0, C), _rows(v_ref, t0, C)
+    beta_C = _vec(beta_ref, t0, C)
+    kk_CxC, a_CxC, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
+    bd_C = beta_C * dec.d_C
+    kf_CxK, vf_CxV = k_CxK.astype(f32), v_CxV.astype(f32)
+    kb_CxK, vb_CxV = kf_CxK * bd_C[:, None], vf_CxV * beta_C[:, None]
+    dw_c, du_c, t_c = _rows(dw_ref, t0, C).astype(cd), _rows(du_ref, t0, C), t_CxC.astype(cd)
+    dt_CxC = (mm(dw_c, kb_CxK.astype(cd), tb=True, precision=prec)
+              + mm(du_c, vb_CxV.astype(cd), tb=True, precision=prec))
+    dkb_CxK = mm(t_c, dw_c, ta=True, precision=prec)
+    dvb_CxV = mm(t_c, du_c, ta=True, precision=prec)
+    tdt_CxC = mm(t_CxC, dt_CxC, ta=True, precision=inv_prec)
+    da_CxC = -strict_lower(mm(tdt_CxC, t_CxC, tb=True, precision=inv_prec))
+    m_CxC = da_CxC * dec.gam_CxC
+    mb_c = (beta_C[:, None] * m_CxC).astype(cd)
+    dk_CxK = (_rows(dk_part_ref, t0, C) + dkb_CxK * bd_C[:, None] + mm(mb_c, k_CxK, precision=prec)
+              + mm(mb_c, k_CxK, ta=True, precision=prec))
+    dbeta_C = (dec.d_C * jnp.sum(kf_CxK * dkb_CxK, axis=1) + jnp.sum(vf_CxV * dvb_CxV, axis=1)
+               + jnp.sum(m_CxC * kk_CxC, axis=1))
+    g2_CxC = da_CxC * a_CxC
+    dgc_C = (_vec(dgc_part_ref, t0, C) + jnp.sum(kb_CxK * dkb_CxK, axis=1) + jnp.sum(g2_CxC, axis=1)
+             - jnp.sum(g2_CxC, axis=0))
+    dk_ref[pl.ds(t0, C), :] = dk_CxK.astype(dk_ref.dtype)
+    dv_ref[pl.ds(t0, C), :] = (dvb_CxV * beta_C[:, None]).astype(dv_ref.dtype)
+    dbeta_ref[pl.ds(t0, C)] = dbeta_C
+    dgc_ref[pl.ds(t0, C)] = dgc_C
+    return carry
+
+  _loop(L, chunk, 0)
+
+
+# ------------------------------------------------------------------------------------------ pallas_calls
+
+
+class _Specs:
+  """BlockSpecs of a grid (B, H, J); ``rows`` tokens per block (J indexes token blocks or V tiles)."""
+
+  def __init__(self, rows: int, by_rows: bool):
+    self.rows, self.by_rows = rows, by_rows
+
+  def tok(self, width: int, v_tiled: bool = False) -> pl.BlockSpec:  # [B, T, H, width]
+    if self.by_rows:
+      return pl.BlockSpec((None, self.rows, None, width), lambda b, h, j: (b, j, h, 0))
+    return pl.BlockSpec((None, self.rows, None, width), lambda b, h, j: (b, 0, h, j if v_tiled else 0))
+
+  def vec(self) -> pl.BlockSpec:  # [B, H, T]
+    return pl.BlockSpec((None, None, self.rows), lambda b, h, j: (b, h, j if self.by_rows else 0))
+
+  def mat(self, C: int) -> pl.BlockSpec:  # [B, H, T, C]
+    return pl.BlockSpec((None, None, self.rows, C), lambda b, h, j: (b, h, j if self.by_rows else 0, 0))
+
+  def seg(self) -> pl.BlockSpec:  # [B, T]
+    return pl.BlockSpec((None, self.rows), lambda b, h, j: (b, j if self.by_rows else 0))
+
+  def states(self, n: int, K: int, V: int) -> pl.BlockSpec:  # [B, H, N, K, V]
+    if self.by_rows:
+      return pl.BlockSpec((None, None, n, K, V), lambda b, h, j: (b, h, j, 0, 0))
+    return pl.BlockSpec((None, None, n, K, V), lambda b, h, j: (b, h, 0, 0, j))
+
+  @staticmethod
+  def state(K: int, V: int) -> pl.BlockSpec:  # [B, H, K, V], V tiled
+    return pl.BlockSpec((None, None, K, V), lambda b, h, j: (b, h, 0, j))
+
+
+def _call(kernel, cfg: Config, grid, in_specs, out_specs, out_shape, warps: int, name: str):
+  params = None if cfg.interpret else pltr.CompilerParams(num_warps=warps, num_stages=cfg.stages)
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        compiler_params=params, interpret=cfg.interpret, name=name)
+
+
+def _drop_none(specs, args):
+  keep = [i for i, a in enumerate(args) if a is not None]
+  return [specs[i] for i in keep], [args[i] for i in keep]
+
+
+def _with_optional(kernel, present: tuple[bool, ...]):
+  """Adapt a kernel whose refs include optional ones (absent -> None)."""
+
+  def wrapped(*refs):
+    it = iter(refs)
+    return kernel(*[next(it) if p else None for p in present])
+
+  return wrapped
+
+
+def _par_layout(Tp: int, C: int, cfg: Config) -> tuple[int, int]:
+  """(chunks per program L, number of programs along T) of the parallel kernels."""
+  N = Tp // C
+  L = N if cfg.chunks_per_program == 0 else cfg.chunks_per_program
+  while N % L:
+    L -= 1
+  return L, N // L
+
+
+def _block_v(V: int, cfg: Config) -> int:
+  return V if cfg.block_v == 0 else min(cfg.block_v, V)
+
+
+def wy_fwd(q, k, v, gc, beta, sid, *, C: int, scale: float, cfg: Config):
+  B, Tp, H, K = k.shape
+  V = v.shape[-1]
+  cd = k.dtype
+  L, J = _par_layout(Tp, C, cfg)
+  sp = _Specs(L * C, by_rows=True)
+  prec, inv = _precisions(cfg, cd)
+  kernel = functools.partial(_wy_fwd_kernel, C=C, L=L, scale=scale, prec=prec, inv_prec=inv)
+  args = [q, k, v, gc, beta, sid]
+  specs = [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg()]
+  present = tuple(a is not None for a in args) + (True,) * 3
+  specs, args = _drop_none(specs, args)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd),
+               jax.ShapeDtypeStruct((B, H, Tp, C), cd)]
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, [sp.tok(K), sp.tok(V), sp.mat(C)],
+               out_shape, cfg.warps_par, "gdn_wy_fwd")(*args)
+
+
+def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, store: bool, cfg: Config):
+  """Forward mode: (o, final state). Store mode (backward recompute): (final, chunk-entry states, Vn)."""
+  B, Tp, H, K = k.shape
+  V = u.shape[-1]
+  N = Tp // C
+  cd = k.dtype
+  bv = _block_v(V, cfg)
+  sp = _Specs(Tp, by_rows=False)
+  prec, _ = _precisions(cfg, cd)
+  kernel = functools.partial(_state_fwd_kernel, C=C, N=N, scale=scale, prec=prec)
+  args = [q, k, w, u, p, gc, sid, h0]
+  specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.tok(bv, True), sp.mat(C), sp.vec(), sp.seg(), sp.state(K, bv)]
+  present = tuple(a is not None for a in args) + (not store, True, store, store)
+  specs, args = _drop_none(specs, args)
+  out_shape = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
+  out_specs = [sp.state(K, bv)]
+  if not store:
+    out_shape.insert(0, jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype))
+    out_specs.insert(0, sp.tok(bv, True))
+  else:
+    out_shape += [jax.ShapeDtypeStruct((B, H, N, K, V), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd)]
+    out_specs += [sp.states(N, K, bv), sp.tok(bv, True)]
+  return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
+               cfg.warps_seq, "gdn_state_fwd")(*args)
+
+
+def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config):
+  B, Tp, H, K = k.shape
+  V = do.shape[-1]
+  N = Tp // C
+  cd = k.dtype
+  bv = _block_v(V, cfg)
+  sp = _Specs(Tp, by_rows=False)
+  prec, _ = _precisions(cfg, cd)
+  kernel = functools.partial(_state_bwd_kernel, C=C, N=N, scale=scale, prec=prec)
+  args = [q, k, w, p, gc, sid, do, dht]
+  specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.tok(bv, True), sp.state(K, bv)]
+  present = tuple(a is not None for a in args) + (True,) * 3
+  specs, args = _drop_none(specs, args)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), cd), jax.ShapeDtypeStruct((B, H, N, K, V), cd),
+               jax.ShapeDtypeStruct((B, H, K, V), f32)]
+  out_specs = [sp.tok(bv, True), sp.states(N, K, bv), sp.state(K, bv)]
+  return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
+               cfg.warps_seq, "gdn_state_bwd")(*args)
+
+
+def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, cfg: Config):
+  B, Tp, H, K = k.shape
+  V = vn.shape[-1]
+  cd = k.dtype
+  L, J = _par_layout(Tp, C, cfg)
+  sp = _Specs(L * C, by_rows=True)
+  prec, _ = _precisions(cfg, cd)
+  kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec)
+  args = [q, k, gc, sid, hs, dhs, vn, dvn, do]
+  specs = [sp.tok(K), sp.tok(K), sp.vec(), sp.seg(), sp.states(L, K, V), sp.states(L, K, V), sp.tok(V),
+           sp.tok(V), sp.tok(V)]
+  present = tuple(a is not None for a in args) + (True,) * 4
+  specs, args = _drop_none(specs, args)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+               jax.ShapeDtypeStruct((B, Tp, H, K), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
+  out_specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.vec()]
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
+               "gdn_dqk")(*args)
+
+
+def wy_bwd(k, v, gc, beta, sid, dw, du, dk_part, dgc_part, *, C: int, dk_dtype, dv_dtype, cfg: Config):
+  B, Tp, H, K = k.shape
+  V = v.shape[-1]
+  cd = k.dtype
+  L, J = _par_layout(Tp, C, cfg)
+  sp = _Specs(L * C, by_rows=True)
+  prec, inv = _precisions(cfg, cd)
+  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv)
+  args = [k, v, gc, beta, sid, dw, du, dk_part, dgc_part]
+  specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.tok(K), sp.tok(V), sp.tok(K), sp.vec()]
+  present = tuple(a is not None for a in args) + (True,) * 4
+  specs, args = _drop_none(specs, args)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dk_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), dv_dtype),
+               jax.ShapeDtypeStruct((B, H, Tp), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
+  out_specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec()]
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
+               "gdn_wy_bwd")(*args)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def forward(q, k, v, gc, beta, sid, h0, *, C: int, scale: float, out_dtype, cfg: Config):
+  """(o [B, Tp, H, V], final state [B, H, K, V] f32) from padded, prepared inputs."""
+  w, u, p = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg)
+  return tuple(state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=False,
+                         cfg=cfg))
+
+
+def backward(q, k, v, gc, beta, sid, h0, do, dht, *, C: int, scale: float, cfg: Config):
+  """(dq, dk, dv, dgc, dbeta, dh0); recomputes W, U, P and the chunk-entry states."""
+  w, u, p = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg)
+  _, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=k.dtype, store=True,
+                        cfg=cfg)
+  dvn, dhs, dh0 = state_bwd(q, k, w, p, gc, sid, do, dht, C=C, scale=scale, cfg=cfg)
+  dq, dk_part, dw, dgc_part = dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, C=C, scale=scale, dq_dtype=q.dtype,
+                                  cfg=cfg)
+  dk, dv, dbeta, dgc = wy_bwd(k, v, gc, beta, sid, dw, dvn, dk_part, dgc_part, C=C, dk_dtype=k.dtype,
+                              dv_dtype=v.dtype, cfg=cfg)
+  return dq, dk, dv, dgc, dbeta, dh0

@@ -68,7 +68,7 @@ class HeadLayout:
   def describe(self, num_groups: int) -> str:
     fa = self.total_fa_groups()
     la = self.num_layers * num_groups - fa
-    ratio = f"{la / fa:.2f}:1 LA:FA" if fa else "all LA"
+    ratio = "all LA" if not fa else ("all FA" if not la else f"{la / fa:.2f}:1 LA:FA")
     return f"{fa} FA / {la} LA groups over {self.num_layers} layers ({ratio})"
 
   def validate(self, num_layers: int, num_groups: int) -> None:

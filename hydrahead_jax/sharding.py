@@ -67,6 +67,21 @@ def logical_to_pspec(names: Sequence[str | None], mesh=None) -> P:
   return P(*(table[n] if n is not None else None for n in names))
 
 
+def fit_pspec(spec: P, shape: Sequence[int], mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. 2 FA heads on a 4-way tensor axis -> replicated)."""
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    kept, prod = [], 1
+    for a in axes:
+      if dim % (prod * sizes[a]) == 0:
+        kept.append(a)
+        prod *= sizes[a]
+    out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+  return P(*out)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op when no mesh is active."""
   mesh = _active_mesh()
@@ -74,7 +89,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   if len(names) != x.ndim:
     raise ValueError(f"constrain: {len(names)} names for an array of rank {x.ndim}")
-  return jax.lax.with_sharding_constraint(x, logical_to_pspec(names, mesh))
+  return jax.lax.with_sharding_constraint(x, fit_pspec(logical_to_pspec(names, mesh), x.shape, mesh))
 
 
 @contextlib.contextmanager
@@ -85,16 +100,25 @@ def axis_rules(mesh=None):
 
 
 def param_pspecs(model_or_state, mesh=None):
-  """Mesh PartitionSpecs of every parameter of a model (or an nnx.State)."""
+  """Mesh PartitionSpecs of every variable of a model (or an nnx.State), fitted to the shapes."""
   state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  mesh = mesh if mesh is not None else _active_mesh()
   with axis_rules(mesh):
-    return nnx.get_partition_spec(state)
+    specs = nnx.get_partition_spec(state)
+  if mesh is None:
+    return specs
+  return jax.tree.map(lambda sp, x: fit_pspec(sp, x.shape, mesh), specs, state,
+                      is_leaf=lambda v: isinstance(v, P))
+
+
+def param_shardings(model_or_state, mesh):
+  """NamedShardings of every variable, by the rule table."""
+  specs = param_pspecs(model_or_state, mesh)
+  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs, is_leaf=lambda v: isinstance(v, P))
 
 
 def shard_model(model: nnx.Module, mesh) -> nnx.Module:
   """Places every parameter of ``model`` on ``mesh`` by its logical axes (in place)."""
   state = nnx.state(model)
-  specs = param_pspecs(state, mesh)
-  shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
-  nnx.update(model, jax.device_put(state, shardings))
+  nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
   return model

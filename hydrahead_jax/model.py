@@ -1,0 +1,194 @@
+"""The HydraHead language model: a Qwen3/Llama-style decoder whose attention is the HydraHead mixer.
+
+Consecutive layers with the same number of FA groups form a *segment*. With ``scan_layers`` a segment's
+layers are stacked (leading ``layers`` axis) and run with ``nnx.scan``, so compile time depends on the
+number of distinct segments, not on depth; otherwise every layer is its own segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hydrahead_jax.config import ModelConfig
+from hydrahead_jax.layers import Embedding, RMSNorm, SwiGLU, fan_in_normal, make_param, rope_angles
+from hydrahead_jax.mixer import HydraHeadMixer
+from hydrahead_jax.sharding import axis_rules, constrain, param_shardings
+
+ACT_NAMES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  start: int  # first layer index
+  length: int  # number of layers
+  num_fa_groups: int
+  stacked: bool
+
+
+def plan_segments(cfg: ModelConfig) -> tuple[Segment, ...]:
+  """Groups consecutive layers of equal FA-group count (when scanning)."""
+  segs: list[Segment] = []
+  for i in range(cfg.num_layers):
+    n = cfg.num_fa_groups(i)
+    if cfg.scan_layers and segs and segs[-1].num_fa_groups == n:
+      last = segs[-1]
+      segs[-1] = Segment(last.start, last.length + 1, n, True)
+    else:
+      segs.append(Segment(i, 1, n, cfg.scan_layers))
+  return tuple(segs)
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Positions restarting at 0 at every change of segment id."""
+  T = segment_ids_BxT.shape[1]
+  idx = jnp.arange(T, dtype=jnp.int32)[None, :]
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1
+  )
+  last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - last_start
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + mixer(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, num_fa_groups: int, *, rngs: nnx.Rngs):
+    pd = cfg.param_dtype
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, names=("norm",), param_dtype=pd, rngs=rngs)
+    self.mixer = HydraHeadMixer(cfg, num_fa_groups, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, names=("norm",), param_dtype=pd, rngs=rngs)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos_sin, segment_ids_BxT, patch=None):
+    h_BxTxD = self.attn_norm(x_BxTxD)
+    y_BxTxD, heads_BxTxHxK = self.mixer(h_BxTxD, cos_sin, segment_ids_BxT, patch)
+    x_BxTxD = constrain(x_BxTxD + y_BxTxD, ACT_NAMES)
+    x_BxTxD = constrain(x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), ACT_NAMES)
+    return x_BxTxD, {"mixer_in": h_BxTxD, "mixer_out": y_BxTxD, "heads": heads_BxTxHxK}
+
+
+def _make_stack(cfg: ModelConfig, seg: Segment, rngs: nnx.Rngs) -> Block:
+  if not seg.stacked:
+    return Block(cfg, seg.num_fa_groups, rngs=rngs)
+
+  @nnx.split_rngs(splits=seg.length)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r):
+    return Block(cfg, seg.num_fa_groups, rngs=r)
+
+  return create(rngs)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class HydraHeadLM(nnx.Module):
+  """Decoder LM. ``model(tokens [B, T]) -> logits [B, T, V]`` (float32)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.segments_plan = plan_segments(cfg)
+    pd = cfg.param_dtype
+    self.embed = Embedding(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
+    self.segments = nnx.List([_make_stack(cfg, s, rngs) for s in self.segments_plan])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, names=("norm",), param_dtype=pd, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = make_param(rngs, fan_in_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  # -- per-segment execution ---------------------------------------------------
+  def _block_fn(self):
+    def run(block, x, cos_sin, seg_ids, patch):
+      return block(x, cos_sin, seg_ids, patch)
+
+    if self.cfg.remat != "none":
+      run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat])
+    return run
+
+  def _run_segment(self, seg: Segment, stack, x, cos_sin, seg_ids, patch, keep):
+    run = self._block_fn()
+    if not seg.stacked:
+      p = None if patch is None else (patch[0][seg.start], patch[1][seg.start])
+      x, inter = run(stack, x, cos_sin, seg_ids, p)
+      return x, {k: inter[k][None] for k in keep}
+    sl = slice(seg.start, seg.start + seg.length)
+    p = None if patch is None else (patch[0][sl], patch[1][sl])
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None, 0 if patch is not None else None), out_axes=(nnx.Carry, 0))
+    def scan_fn(block, carry, cs, ids, layer_patch):
+      y, inter = run(block, carry, cs, ids, layer_patch)
+      return y, {k: inter[k] for k in keep}
+
+    return scan_fn(stack, x, cos_sin, seg_ids, p)
+
+  def __call__(
+      self,
+      tokens_BxT: jax.Array,
+      segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      *,
+      head_patch: tuple[jax.Array, jax.Array] | None = None,
+      return_intermediates: tuple[str, ...] | bool = False,
+  ) -> Any:
+    """Logits [B, T, V] float32.
+
+    segment_ids [B, T]: packed documents (attention and LA state never cross a change of id);
+    positions [B, T]: RoPE positions (default: restart per segment, else 0..T-1).
+    head_patch: (mask [L, H], values [L, B, T, H, K]) replaces raw head outputs (activation patching).
+    return_intermediates: True or names among ('mixer_in', 'mixer_out', 'heads'); returns
+      (logits, {name: [L, ...]}).
+    """
+    cfg = self.cfg
+    if tokens_BxT.ndim != 2:
+      raise ValueError(f"HydraHeadLM: tokens must be [B, T] int, got shape {tokens_BxT.shape}")
+    if positions is None:
+      if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
+      else:
+        positions = positions_from_segments(segment_ids)
+    keep = ("mixer_in", "mixer_out", "heads") if return_intermediates is True else tuple(return_intermediates or ())
+    cos_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    x = constrain(self.embed(tokens_BxT), ACT_NAMES)
+    collected = []
+    for seg, stack in zip(self.segments_plan, self.segments):
+      x, inter = self._run_segment(seg, stack, x, cos_sin, segment_ids, head_patch, keep)
+      collected.append(inter)
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    if not keep:
+      return logits
+    return logits, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
+
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+def abstract_model(cfg: ModelConfig, mesh=None) -> HydraHeadLM:
+  """Shapes and dtypes only (no allocation); logical names are resolved by the rule table."""
+  with axis_rules(mesh):
+    return nnx.eval_shape(lambda: HydraHeadLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> HydraHeadLM:
+  """Builds a randomly initialised model; with a mesh, every parameter is created already sharded."""
+  if mesh is None:
+    return HydraHeadLM(cfg, rngs=nnx.Rngs(seed))
+  abstract = abstract_model(cfg, mesh)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = param_shardings(abstract_state, mesh)
+
+  def init():
+    return nnx.state(HydraHeadLM(cfg, rngs=nnx.Rngs(seed)))
+
+  return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())

@@ -1,0 +1,178 @@
+"""Model-level tests: layouts, causality, exact FA reference, segment isolation, sharding, configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hydrahead_jax.config import HeadLayout, ModelConfig
+from hydrahead_jax.model import HydraHeadLM, create_model, plan_segments
+from hydrahead_jax.params import model_from_flat, model_to_flat
+
+L, G = 4, 4
+BASE = dict(vocab_size=64, d_model=32, num_layers=L, num_heads=8, num_kv_heads=G, head_dim=8, mlp_dim=64,
+            dtype="float32", la_chunk_size=8, rope_theta=10_000.0)
+
+LAYOUTS = {
+    "all_fa": HeadLayout.all_fa(L, G),
+    "all_la": HeadLayout.all_la(L),
+    "layerwise_3to1": HeadLayout.layerwise(L, G, every=4),
+    "head_7to1_like": HeadLayout.per_layer(L, [2]),
+    "head_mixed": HeadLayout(((0,), (1, 3), (1, 3), ())),
+}
+
+
+def make(layout, seed=0, **kw):
+  cfg = ModelConfig(**{**BASE, **kw, "layout": layout})
+  return HydraHeadLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def tokens(rng, B=2, T=20):
+  return jnp.asarray(rng.integers(0, BASE["vocab_size"], (B, T)), jnp.int32)
+
+
+@nnx.jit
+def forward(model, tok, seg):
+  return model(tok, seg)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_causal_and_finite_grads(name, rng):
+  model = make(LAYOUTS[name])
+  tok = tokens(rng)
+  base = forward(model, tok, None)
+  s = 11
+  tok2 = tok.at[:, s].set((tok[:, s] + 1) % BASE["vocab_size"])
+  pert = forward(model, tok2, None)
+  np.testing.assert_allclose(pert[:, :s], base[:, :s], atol=1e-5, rtol=0)
+  assert float(jnp.abs(pert[:, s:] - base[:, s:]).max()) > 1e-4  # the future does change
+
+  @nnx.jit
+  def loss_and_grad(m, t):
+    def loss_fn(m):
+      logits = m(t)
+      return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
+    return nnx.value_and_grad(loss_fn)(m)
+
+  loss, grads = loss_and_grad(model, tok)
+  leaves = jax.tree.leaves(grads)
+  assert np.isfinite(float(loss)) and all(bool(jnp.isfinite(g).all()) for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
+def _dense_reference_layer(x, p, cfg):
+  """Plain numpy causal GQA attention with QK-norm and RoPE (rotate-half), then W_o."""
+  x = np.asarray(x, np.float64)
+  T, K, r = x.shape[1], cfg.head_dim, cfg.heads_per_group
+  def rms(a, w):
+    return a / np.sqrt((a * a).mean(-1, keepdims=True) + cfg.rms_eps) * w
+  q = rms(np.einsum("btd,dhk->bthk", x, p["mixer.fa.wq"]), p["mixer.fa.q_norm.scale"])
+  k = rms(np.einsum("btd,dgk->btgk", x, p["mixer.fa.wk"]), p["mixer.fa.k_norm.scale"])
+  v = np.einsum("btd,dgk->btgk", x, p["mixer.fa.wv"])
+  inv = cfg.rope_theta ** (-np.arange(0, K, 2) / K)
+  ang = np.arange(T)[:, None] * inv
+  cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+  rot = lambda a: a * cos[None, :, None] + np.concatenate([-a[..., K // 2:], a[..., :K // 2]], -1) * sin[None, :, None]
+  q, k = rot(q), rot(k)
+  k, v = np.repeat(k, r, axis=2), np.repeat(v, r, axis=2)
+  s = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)
+  s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+  a = np.exp(s - s.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  o = np.einsum("bhts,bshk->bthk", a, v) * p["mixer.fusion.fa_scale"][:, None]
+  return np.einsum("bthk,hkd->btd", o, p["mixer.wo"])
+
+
+def test_all_fa_mixer_equals_dense_reference(rng):
+  model = make(LAYOUTS["all_fa"])
+  cfg = model.cfg
+  flat = model_to_flat(model)
+  # random (non-trivial) norm scales and fusion scales so every parameter matters
+  for n in list(flat):
+    if n.startswith("layers.0.") and ("norm.scale" in n or "fa_scale" in n):
+      flat[n] = rng.uniform(0.5, 1.5, flat[n].shape).astype(np.float32)
+  model = model_from_flat(cfg, flat)
+  x = jnp.asarray(rng.normal(size=(2, 12, cfg.d_model)), jnp.float32)
+  _, logits_inter = nnx.jit(lambda m, t: m(t, return_intermediates=("mixer_in", "mixer_out")))(model, tokens(rng, 2, 12))
+  block = model.segments[0]
+  mixer = nnx.jit(lambda blk, x: blk.mixer(x, __import__("hydrahead_jax.layers", fromlist=["rope_angles"]).rope_angles(
+      jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_dim, cfg.rope_theta), None)[0])
+  got = mixer(jax.tree.map(lambda a: a, block) if not plan_segments(cfg)[0].stacked else None, x) if False else None
+  # run the first layer's mixer through the model's own path: feed x as the layer-0 mixer input
+  p0 = {k[len("layers.0."):]: v.astype(np.float64) for k, v in flat.items() if k.startswith("layers.0.")}
+  ref = _dense_reference_layer(np.asarray(logits_inter["mixer_in"][0]), p0, cfg)
+  np.testing.assert_allclose(np.asarray(logits_inter["mixer_out"][0]), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["all_fa", "head_mixed", "all_la"])
+def test_segment_isolation(name, rng):
+  model = make(LAYOUTS[name])
+  a, b = tokens(rng, 1, 13), tokens(rng, 1, 7)
+  packed = jnp.concatenate([a, b], axis=1)
+  seg = jnp.asarray([[1] * 13 + [2] * 7], jnp.int32)
+  out = forward(model, packed, seg)
+  ref_a = forward(model, a, None)
+  ref_b = forward(model, b, None)
+  np.testing.assert_allclose(out[:, :13], ref_a, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(out[:, 13:], ref_b, atol=2e-5, rtol=1e-4)
+
+
+def test_scanned_equals_unrolled_and_flat_roundtrip(rng):
+  layout = LAYOUTS["head_mixed"]
+  scanned = make(layout, scan_layers=True)
+  assert len(plan_segments(scanned.cfg)) == 3  # (0,), (1,3)x2 stacked, ()
+  unrolled = model_from_flat(scanned.cfg.replace(scan_layers=False), model_to_flat(scanned))
+  tok = tokens(rng)
+  np.testing.assert_allclose(forward(scanned, tok, None), forward(unrolled, tok, None), atol=1e-5, rtol=1e-5)
+  back = model_to_flat(unrolled)
+  for k, v in model_to_flat(scanned).items():
+    np.testing.assert_array_equal(back[k], v)
+
+
+def test_head_patch_and_intermediates(rng):
+  model = make(LAYOUTS["head_mixed"])
+  tok = tokens(rng)
+  run = nnx.jit(lambda m, t, p: m(t, head_patch=p, return_intermediates=("heads",)))
+  H = model.cfg.num_heads
+  zero_mask = jnp.zeros((L, H))
+  logits, inter = run(model, tok, (zero_mask, jnp.zeros((L, 2, 20, H, 8))))
+  assert inter["heads"].shape == (L, 2, 20, H, 8)
+  # patching every head with its own clean value changes nothing
+  same, _ = run(model, tok, (jnp.ones((L, H)), inter["heads"]))
+  np.testing.assert_allclose(same, logits, atol=1e-5)
+  # patching one head with noise changes the output
+  mask = zero_mask.at[1, 3].set(1.0)
+  noisy, _ = run(model, tok, (mask, inter["heads"] + 1.0))
+  assert float(jnp.abs(noisy - logits).max()) > 1e-3
+
+
+def test_sharded_matches_unsharded(rng):
+  layout = LAYOUTS["head_mixed"]
+  cfg = ModelConfig(**{**BASE, "layout": layout})
+  ref_model = create_model(cfg, seed=3)
+  tok = tokens(rng, B=4, T=16)
+  ref = forward(ref_model, tok, None)
+  mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    model = create_model(cfg, seed=3, mesh=mesh)
+    wq = model.segments[1].mixer.la.wq[...]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)  # layers, embed, heads, head_dim
+    out = forward(model, jax.device_put(tok, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))), None)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(layout=HeadLayout(((0,), (4,), (), ()))), "layout.fa_groups[1]"),
+        (dict(num_heads=6), "model.num_heads"),
+        (dict(layout=HeadLayout(((0,), ()))), "layout.fa_groups"),
+        (dict(fusion="layernorm"), "model.fusion"),
+        (dict(remat="sometimes"), "model.remat"),
+        (dict(d_model=0), "model.d_model"),
+    ],
+)
+def test_bad_config_errors(kw, field):
+  with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+    ModelConfig(**{**BASE, **kw})

@@ -175,7 +175,7 @@ def _dqk_kernel(q_ref, k_ref, gc_ref, sid_ref, hs_ref, dhs_ref, vn_ref, dvn_ref,
     dp_CxC = mm(do_CxV, vn_CxV, tb=True, precision=prec)
     y_CxK = mm(vn_CxV, ds_KxV, tb=True, precision=prec)
     dw_ref[pl.ds(t0, C), :] = -mm(_rows(dvn_ref, t0, C), s_KxV, tb=True, precision=prec)
-    dgam = jnp.sum(s_KxV.astype(f32) * ds_KxV.astype(f32))
+    dgam = jnp.sum(jnp.sum(s_KxV.astype(f32) * ds_KxV.astype(f32), axis=1), axis=0)  # one axis per reduce
     dq_inter_CxK = x_CxK * (scale * dec.d_C)[:, None]
     pm_CxC = scale * dp_CxC * dec.gam_CxC
     pm_c = pm_CxC.astype(cd)

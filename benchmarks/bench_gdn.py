@@ -1,0 +1,304 @@
+"""Gated delta rule on one GPU: correctness of the Pallas kernels and timings side by side.
+
+Parts (each a separate process so torch and JAX do not share the GPU allocator):
+  check    Pallas vs the float32 recurrent reference on the GPU (o, final state, all gradients), bf16 and f32,
+           ragged T, segment resets, initial state; a few inverse-precision variants.
+  bench    B=1, H=16, K=V=128, bf16: our Pallas GDN (tiling variants at 32K, the best at every T), the pure-JAX
+           chunked GDN, cuDNN causal attention; forward and forward+backward medians (ms).
+  fla      fla-core's chunk_gated_delta_rule, same shapes (its Hopper/Triton<3.7.1 guard bypassed for timing).
+  big      indexing past 2^31 elements: forward at B*T*H*K > 2^31, checked on the first and last segment.
+  report   merge the JSON files into a table (also written as report.md).
+
+  python benchmarks/bench_gdn.py check bench big --out $OUT; python benchmarks/bench_gdn.py fla --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPE = dict(B=1, H=16, K=128, V=128)  # --interpret: H=2, K=V=32
+TS = (8192, 32768, 131072)
+
+
+def _save(out: str, name: str, res: dict) -> None:
+  with open(os.path.join(out, f"{name}.json"), "w") as fh:
+    json.dump(res, fh, indent=1)
+
+
+def _versions() -> dict:
+  import jax
+  info = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
+  try:
+    import jaxlib
+    info["jaxlib"] = jaxlib.__version__
+  except ImportError:
+    pass
+  try:
+    import triton
+    info["triton"] = triton.__version__
+  except ImportError:
+    pass
+  return info
+
+
+INTERPRET = False  # --interpret: dry run of the script on CPU (Pallas interpret mode, tiny T)
+
+
+def _config(cfg):
+  from pallas_kernels.gated_delta_rule import gpu_triton
+  return gpu_triton.INTERPRET if INTERPRET else cfg
+
+
+def _variants():
+  from pallas_kernels.gated_delta_rule import gpu_triton
+  C = gpu_triton.Config
+  return {
+      "bv32": _config(C(block_v=32)),
+      "bv64": _config(C(block_v=64)),
+      "bv16": _config(C(block_v=16)),
+      "bv32_w8": _config(C(block_v=32, warps_seq=8)),
+  }
+
+
+def part_check(out: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench, gpu_triton
+
+  res = {"versions": _versions()}
+  B, T, H, K, V = (2, 1000, 4, 128, 128) if not INTERPRET else (1, 200, 2, 32, 32)
+  names = ("q", "k", "v", "g", "beta", "h0")
+  for dtype in (jnp.bfloat16, jnp.float32):
+    q, k, v, g, beta, h0, seg = bench.make_inputs(jax.random.PRNGKey(1), B, T, H, K, V, dtype, segments=0.004)
+    do = jax.random.normal(jax.random.PRNGKey(2), (B, T, H, V), jnp.float32)
+    dht = jax.random.normal(jax.random.PRNGKey(3), (B, H, K, V), jnp.float32)
+    up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    rf, rg = bench.fwd_and_grad(bench.gdn_fn("recurrent"), with_state=True)
+    ro, rht = rf(*up, h0, seg)
+    rgrads = rg(*up, h0, seg, do, dht)
+    for inv in ("tf32", "tf32x3"):
+      cfg = _config(gpu_triton.Config(inv_precision=inv))
+      name = f"{jnp.dtype(dtype).name}.{inv}"
+      try:
+        pf, pg = bench.fwd_and_grad(bench.gdn_fn("pallas", backend="triton", config=cfg), with_state=True)
+        o, ht = pf(q, k, v, g, beta, h0, seg)
+        grads = pg(q, k, v, g, beta, h0, seg, do, dht)
+        errs = {"o": bench.rel_rmse(o, ro), "ht": bench.rel_rmse(ht, rht)}
+        errs.update({n: bench.rel_rmse(a, b) for n, a, b in zip(names, grads, rgrads)})
+        res[name] = {n: round(e, 6) for n, e in errs.items()}
+      except Exception as ex:  # noqa: BLE001
+        res[name] = {"error": f"{type(ex).__name__}: {str(ex)[:1500]}"}
+        traceback.print_exc()
+      print(name, res[name], flush=True)
+      if dtype == jnp.float32:
+        break
+  _save(out, "check", res)
+  return res
+
+
+def _time_gdn(res: dict, key: str, fn, T: int, reps: int = 10) -> None:
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench
+
+  B, H, K, V = SHAPE["B"], SHAPE["H"], SHAPE["K"], SHAPE["V"]
+  q, k, v, g, beta, _, _ = bench.make_inputs(jax.random.PRNGKey(T), B, T, H, K, V, jnp.bfloat16)
+  do = jax.random.normal(jax.random.PRNGKey(7), (B, T, H, V), jnp.bfloat16)
+  f, gr = bench.fwd_and_grad(fn)
+  try:
+    res[f"{key}.T{T}.fwd_ms"] = round(bench.median_ms(lambda *a: f(*a)[0], q, k, v, g, beta, reps=reps), 3)
+    res[f"{key}.T{T}.fwdbwd_ms"] = round(
+        bench.median_ms(gr, q, k, v, g, beta, None, None, do, None, reps=reps), 3)
+  except Exception as ex:  # noqa: BLE001
+    res[f"{key}.T{T}.error"] = f"{type(ex).__name__}: {str(ex)[:800]}"
+    traceback.print_exc()
+  print({n: x for n, x in res.items() if n.startswith(f"{key}.T{T}.")}, flush=True)
+
+
+def _time_cudnn(res: dict, T: int) -> None:
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench
+
+  B, H, D = SHAPE["B"], SHAPE["H"], SHAPE["K"]
+  ks = jax.random.split(jax.random.PRNGKey(T), 4)
+  q, k, v, do = (jax.random.normal(kk, (B, T, H, D), jnp.bfloat16) for kk in ks)
+
+  def attn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+  fwd = jax.jit(attn)
+  grad = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(attn(q, k, v).astype(jnp.float32) * do), argnums=(0, 1, 2)))
+  reps = 10 if T <= 32768 else 3
+  try:
+    res[f"cudnn_fa.T{T}.fwd_ms"] = round(bench.median_ms(fwd, q, k, v, reps=reps), 3)
+    res[f"cudnn_fa.T{T}.fwdbwd_ms"] = round(bench.median_ms(grad, q, k, v, do, reps=reps), 3)
+  except Exception as ex:  # noqa: BLE001
+    res[f"cudnn_fa.T{T}.error"] = f"{type(ex).__name__}: {str(ex)[:800]}"
+  print({n: x for n, x in res.items() if n.startswith(f"cudnn_fa.T{T}.")}, flush=True)
+
+
+def part_bench(out: str, ts=TS, variants: str = "") -> dict:
+  from pallas_kernels.gated_delta_rule import bench
+
+  res = {"versions": _versions(), "shape": SHAPE}
+  all_variants = _variants()
+  chosen = [v for v in variants.split(",") if v] or list(all_variants)
+  t_var = 32768 if 32768 in ts else ts[-1]
+  for name in chosen:  # tiling variants at 32K
+    _time_gdn(res, f"pallas.{name}", bench.gdn_fn("pallas", backend="triton", config=all_variants[name]), t_var)
+    _save(out, "bench", res)
+  timed = {n: res.get(f"pallas.{n}.T{t_var}.fwdbwd_ms", 1e9) for n in chosen}
+  best = min(timed, key=timed.get)
+  res["pallas_best_variant"] = best
+  for T in ts:
+    if T != t_var:
+      _time_gdn(res, f"pallas.{best}", bench.gdn_fn("pallas", backend="triton", config=all_variants[best]), T)
+    _time_gdn(res, "jnp_chunked", bench.gdn_fn("chunked"), T, reps=10 if T <= 32768 else 3)
+    _time_cudnn(res, T)
+    _save(out, "bench", res)
+  return res
+
+
+def part_fla(out: str, ts=TS) -> dict:
+  import torch
+  import torch.nn.functional as F
+  import fla.ops.common.chunk_o as co
+  co.TRITON_ABOVE_3_7_1 = True  # timing only (fla issue #640 guard)
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+  def median(fn, warm=3, rep=10):
+    for _ in range(warm):
+      fn()
+    torch.cuda.synchronize()
+    ts_ = []
+    for _ in range(rep):
+      s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      s.record()
+      fn()
+      e.record()
+      torch.cuda.synchronize()
+      ts_.append(s.elapsed_time(e))
+    return sorted(ts_)[len(ts_) // 2]
+
+  import fla
+  import triton
+  res = {"versions": {"torch": torch.__version__, "fla": getattr(fla, "__version__", "?"),
+                      "triton": triton.__version__, "device": torch.cuda.get_device_name()}}
+  B, H, K, V = SHAPE["B"], SHAPE["H"], SHAPE["K"], SHAPE["V"]
+  for T in ts:
+    q = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+    k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(torch.bfloat16).requires_grad_()
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+    beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    do = torch.randn_like(v)
+
+    def f():
+      return chunk_gated_delta_rule(q, k, v, g=g, beta=beta, scale=K**-0.5)[0]
+
+    try:
+      res[f"fla.T{T}.fwd_ms"] = round(median(f), 3)
+      res[f"fla.T{T}.fwdbwd_ms"] = round(median(lambda: f().backward(do)), 3)
+    except Exception as ex:  # noqa: BLE001
+      res[f"fla.T{T}.error"] = f"{type(ex).__name__}: {str(ex)[:800]}"
+    print({n: x for n, x in res.items() if f".T{T}." in n}, flush=True)
+    del q, k, v, g, beta, do
+    torch.cuda.empty_cache()
+  _save(out, "fla", res)
+  return res
+
+
+def part_big(out: str) -> dict:
+  """Forward past 2^31 elements per tensor; first and last segments checked against the f32 reference."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench, gpu_triton
+
+  B, H, K, V = 1, 16, 128, 128
+  T = 2**20 + 4096 if not INTERPRET else 300
+  seg_len = 2048 if not INTERPRET else 64
+  res = {"T": T, "elements_per_tensor": B * T * H * K, "over_2^31": B * T * H * K > 2**31}
+  key = jax.random.PRNGKey(11)
+  q, k, v, g, beta, _, _ = bench.make_inputs(key, B, T, H, K, V, jnp.bfloat16)
+  tt = jnp.arange(T)
+  seg = ((tt >= seg_len).astype(jnp.int32) + (tt >= T - seg_len).astype(jnp.int32))[None]
+  fn = jax.jit(lambda *a, seg: bench.gdn_fn("pallas", backend="triton", config=_config(gpu_triton.Config()))(
+      *a, segment_ids=seg, output_final_state=True))
+  t0 = time.perf_counter()
+  o, ht = jax.block_until_ready(fn(q, k, v, g, beta, seg=seg))
+  res["fwd_s_incl_compile"] = round(time.perf_counter() - t0, 2)
+  ref = bench.gdn_fn("recurrent")
+  for name, sl in (("first", slice(0, seg_len)), ("last", slice(T - seg_len, T))):
+    args = [x[:, sl].astype(jnp.float32) for x in (q, k, v, g, beta)]
+    ro, rht = ref(*args, output_final_state=True)
+    res[f"{name}_segment_o_rel_err"] = round(bench.rel_rmse(o[:, sl], ro), 6)
+    if name == "last":
+      res["final_state_rel_err"] = round(bench.rel_rmse(ht, rht), 6)
+  res["o_finite"] = bool(jnp.all(jnp.isfinite(o.astype(jnp.float32))))
+  print(res, flush=True)
+  _save(out, "big", res)
+  return res
+
+
+def part_report(out: str) -> str:
+  def load(name):
+    path = os.path.join(out, f"{name}.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+  bench, fla = load("bench"), load("fla")
+  best = bench.get("pallas_best_variant", "bv32")
+  lines = ["| T | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | fla/ours fwd+bwd | jnp chunked fwd / fwd+bwd "
+           "| cuDNN FA fwd / fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
+  for T in TS:
+    ours_f, ours_b = bench.get(f"pallas.{best}.T{T}.fwd_ms"), bench.get(f"pallas.{best}.T{T}.fwdbwd_ms")
+    fla_f, fla_b = fla.get(f"fla.T{T}.fwd_ms"), fla.get(f"fla.T{T}.fwdbwd_ms")
+    ratio = f"{fla_b / ours_b:.2f}" if ours_b and fla_b else "-"
+    lines.append(f"| {T // 1024}K | {ours_f} | {ours_b} | {fla_f} | {fla_b} | {ratio} | "
+                 f"{bench.get(f'jnp_chunked.T{T}.fwd_ms')} / {bench.get(f'jnp_chunked.T{T}.fwdbwd_ms')} | "
+                 f"{bench.get(f'cudnn_fa.T{T}.fwd_ms')} / {bench.get(f'cudnn_fa.T{T}.fwdbwd_ms')} |")
+  text = "\n".join(lines)
+  text += f"\n\nbest tiling: {best}; versions: {bench.get('versions')} {fla.get('versions')}\n"
+  with open(os.path.join(out, "report.md"), "w") as fh:
+    fh.write(text)
+  print(text)
+  return text
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("parts", nargs="+", choices=["check", "bench", "fla", "big", "report"])
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--variants", default="", help="comma-separated tiling variants timed at 32K")
+  parser.add_argument("--ts", default="", help="comma-separated sequence lengths")
+  parser.add_argument("--interpret", action="store_true", help="CPU dry run in Pallas interpret mode")
+  args = parser.parse_args()
+  global INTERPRET
+  INTERPRET = args.interpret
+  if INTERPRET:
+    SHAPE.update(H=2, K=32, V=32)
+  ts = tuple(int(t) for t in args.ts.split(",")) if args.ts else TS
+  for part in args.parts:
+    t0 = time.perf_counter()
+    try:
+      if part == "bench":
+        part_bench(args.out, ts, args.variants)
+      elif part == "fla":
+        part_fla(args.out, ts)
+      else:
+        globals()[f"part_{part}"](args.out)
+    except Exception:  # noqa: BLE001
+      traceback.print_exc()
+    print(f"== {part} done in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+  main()

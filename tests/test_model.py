@@ -37,28 +37,28 @@ def forward(model, tok, seg):
   return model(tok, seg)
 
 
+@nnx.jit
+def loss_and_grad(model, tok):
+  def loss_fn(m):
+    logits = m(tok)
+    return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1)), logits
+  return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_causal_and_finite_grads(name, rng):
+  """Forward + backward under jit for every layout; outputs never depend on future tokens."""
   model = make(LAYOUTS[name])
   tok = tokens(rng)
-  base = forward(model, tok, None)
-  s = 11
-  tok2 = tok.at[:, s].set((tok[:, s] + 1) % BASE["vocab_size"])
-  pert = forward(model, tok2, None)
-  np.testing.assert_allclose(pert[:, :s], base[:, :s], atol=1e-5, rtol=0)
-  assert float(jnp.abs(pert[:, s:] - base[:, s:]).max()) > 1e-4  # the future does change
-
-  @nnx.jit
-  def loss_and_grad(m, t):
-    def loss_fn(m):
-      logits = m(t)
-      return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
-    return nnx.value_and_grad(loss_fn)(m)
-
-  loss, grads = loss_and_grad(model, tok)
+  (loss, base), grads = loss_and_grad(model, tok)
   leaves = jax.tree.leaves(grads)
   assert np.isfinite(float(loss)) and all(bool(jnp.isfinite(g).all()) for g in leaves)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+  s = 11
+  tok2 = tok.at[:, s].set((tok[:, s] + 1) % BASE["vocab_size"])
+  (_, pert), _ = loss_and_grad(model, tok2)
+  np.testing.assert_allclose(pert[:, :s], base[:, :s], atol=1e-5, rtol=0)
+  assert float(jnp.abs(pert[:, s:] - base[:, s:]).max()) > 1e-4  # the future does change
 
 
 def _dense_reference_layer(x, p, cfg):
@@ -93,29 +93,25 @@ def test_all_fa_mixer_equals_dense_reference(rng):
     if n.startswith("layers.0.") and ("norm.scale" in n or "fa_scale" in n):
       flat[n] = rng.uniform(0.5, 1.5, flat[n].shape).astype(np.float32)
   model = model_from_flat(cfg, flat)
-  x = jnp.asarray(rng.normal(size=(2, 12, cfg.d_model)), jnp.float32)
   _, logits_inter = nnx.jit(lambda m, t: m(t, return_intermediates=("mixer_in", "mixer_out")))(model, tokens(rng, 2, 12))
-  block = model.segments[0]
-  mixer = nnx.jit(lambda blk, x: blk.mixer(x, __import__("hydrahead_jax.layers", fromlist=["rope_angles"]).rope_angles(
-      jnp.broadcast_to(jnp.arange(12), (2, 12)), cfg.head_dim, cfg.rope_theta), None)[0])
-  got = mixer(jax.tree.map(lambda a: a, block) if not plan_segments(cfg)[0].stacked else None, x) if False else None
-  # run the first layer's mixer through the model's own path: feed x as the layer-0 mixer input
+  # the model's own layer-0 mixer input/output vs a float64 numpy attention on the same input
   p0 = {k[len("layers.0."):]: v.astype(np.float64) for k, v in flat.items() if k.startswith("layers.0.")}
   ref = _dense_reference_layer(np.asarray(logits_inter["mixer_in"][0]), p0, cfg)
   np.testing.assert_allclose(np.asarray(logits_inter["mixer_out"][0]), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["all_fa", "head_mixed", "all_la"])
-def test_segment_isolation(name, rng):
-  model = make(LAYOUTS[name])
-  a, b = tokens(rng, 1, 13), tokens(rng, 1, 7)
-  packed = jnp.concatenate([a, b], axis=1)
+def test_segment_isolation(rng):
+  """A packed document's logits do not depend on the document before it (FA mask, LA state, conv)."""
+  model = make(LAYOUTS["head_mixed"])
+  a, a2, b = tokens(rng, 1, 13), tokens(rng, 1, 13), tokens(rng, 1, 7)
   seg = jnp.asarray([[1] * 13 + [2] * 7], jnp.int32)
-  out = forward(model, packed, seg)
-  ref_a = forward(model, a, None)
-  ref_b = forward(model, b, None)
-  np.testing.assert_allclose(out[:, :13], ref_a, atol=2e-5, rtol=1e-4)
-  np.testing.assert_allclose(out[:, 13:], ref_b, atol=2e-5, rtol=1e-4)
+  out = forward(model, jnp.concatenate([a, b], axis=1), seg)
+  out2 = forward(model, jnp.concatenate([a2, b], axis=1), seg)
+  np.testing.assert_allclose(out2[:, 13:], out[:, 13:], atol=2e-5, rtol=1e-4)
+  assert float(jnp.abs(out2[:, :13] - out[:, :13]).max()) > 1e-4
+  # the same document at the start of a row (positions restart at 0 either way)
+  out3 = forward(model, jnp.concatenate([b, a], axis=1), jnp.asarray([[1] * 7 + [2] * 13], jnp.int32))
+  np.testing.assert_allclose(out3[:, :7], out[:, 13:], atol=2e-5, rtol=1e-4)
 
 
 def test_scanned_equals_unrolled_and_flat_roundtrip(rng):

@@ -1,0 +1,100 @@
+"""Whole-mixer timing: a 7:1 head-level layer (2 FA + 14 LA heads) vs an all-FA layer, side by side.
+
+Qwen3-1.7B attention shape: d_model 2048, 16 query heads, 8 KV groups, head_dim 128, bf16, B=1.
+Forward and forward+backward (grads of all mixer params and the input) medians in ms, and the forward
+at 512K. Run on a GPU machine:
+
+  python benchmarks/bench_mixer.py --out $OUT [--gdn-impl pallas|chunked] [--lengths 32768 131072]
+  python benchmarks/bench_mixer.py --smoke          # tiny shapes on CPU, checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
+from hydrahead_jax.layers import rope_angles  # noqa: E402
+from hydrahead_jax.mixer import HydraHeadMixer  # noqa: E402
+
+
+def median_ms(fn, *args, warmup: int = 2, iters: int = 7) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def build(cfg: ModelConfig, num_fa_groups: int):
+  mixer = HydraHeadMixer(cfg, num_fa_groups, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(mixer)
+
+  def fwd(params, x_BxTxD):
+    T = x_BxTxD.shape[1]
+    cos_sin = rope_angles(jnp.arange(T, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
+    return nnx.merge(graphdef, params)(x_BxTxD, cos_sin, None)[0]
+
+  def loss(params, x):
+    return jnp.mean(fwd(params, x).astype(jnp.float32) ** 2)
+
+  return params, jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=".")
+  ap.add_argument("--gdn-impl", default=None)
+  ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
+  ap.add_argument("--fwd-only-lengths", type=int, nargs="*", default=[524288])
+  ap.add_argument("--smoke", action="store_true")
+  args = ap.parse_args()
+  if args.smoke:
+    dims = dict(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    args.lengths, args.fwd_only_lengths = [128], [256]
+  else:
+    dims = dict(d_model=2048, num_heads=16, num_kv_heads=8, head_dim=128)
+  base = ModelConfig(vocab_size=128, num_layers=1, mlp_dim=128, dtype="bfloat16", param_dtype="bfloat16",
+                     la_implementation=args.gdn_impl, **dims)
+  G = base.num_kv_heads
+  layouts = {"7:1 (1 FA group)": 1, "all-FA": G}
+  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gdn_impl": args.gdn_impl, "rows": []}
+  for T in args.lengths + args.fwd_only_lengths:
+    x = jax.random.normal(jax.random.key(0), (1, T, base.d_model), jnp.bfloat16)
+    row = {"T": T}
+    for name, n_fa in layouts.items():
+      cfg = base.replace(layout=HeadLayout(((tuple(range(n_fa))),)))
+      params, fwd, grad = build(cfg, n_fa)
+      try:
+        row[f"{name} fwd"] = median_ms(fwd, params, x)
+        if T in args.lengths:
+          row[f"{name} fwd+bwd"] = median_ms(grad, params, x)
+      except Exception as e:  # noqa: BLE001 - report OOM etc. as a cell, keep the other rows
+        row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      del params, fwd, grad
+    for kind in ("fwd", "fwd+bwd"):
+      a, b = row.get(f"all-FA {kind}"), row.get(f"7:1 (1 FA group) {kind}")
+      if a and b:
+        row[f"speedup {kind}"] = a / b
+    print(json.dumps(row), flush=True)
+    results["rows"].append(row)
+  with open(os.path.join(args.out, "bench_mixer.json"), "w") as fh:
+    json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,293 @@
+"""GGUF files (llama.cpp) -> HydraHead models and tokenizers, through the ``gguf`` package.
+
+Architecture, hyper-parameters and tokenizer come from the file's metadata. Each tensor is dequantised on
+its own (``gguf.quants.dequantize``, float32) and cast to the target dtype while the model is built, so
+peak host memory stays near one tensor above the final model. llama.cpp's converter interleaves the rows of
+each Q and K head for its RoPE kernel (``permute`` in convert_hf_to_gguf.py: rows ``[2, K/2]`` -> ``[K/2, 2]``);
+``unpermute_rope_rows`` undoes it so the weights are exactly the HF layout (rotate-half RoPE).
+
+Supported architectures: ``llama`` (Llama family, e.g. SmolLM2; no QK-norm, Q/K permuted) and ``qwen3``
+(QK-norm, not permuted). Tokenizers: ``tokenizer.ggml.model == 'gpt2'`` (byte-level BPE with merges).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from hydrahead_jax.config import HeadLayout, ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
+
+# HF tensor name pieces <-> GGUF names (per layer: "blk.{i}.")
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
+
+
+def hf_to_gguf_name(name: str) -> str:
+  if name in _GLOBAL:
+    return _GLOBAL[name]
+  parts = name.split(".", 3)  # model, layers, i, rest
+  if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
+    return f"blk.{parts[2]}.{_LAYER[parts[3]]}"
+  raise KeyError(name)
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+  if name in _GLOBAL_INV:
+    return _GLOBAL_INV[name]
+  parts = name.split(".", 2)  # blk, i, rest
+  if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_INV:
+    return f"model.layers.{parts[1]}.{_LAYER_INV[parts[2]]}"
+  return None
+
+
+def unpermute_rope_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row interleave: per head, rows [K/2, 2] -> [2, K/2] (HF rotate-half order)."""
+  out, inp = w_OxI.shape
+  k = out // n_heads
+  return w_OxI.reshape(n_heads, k // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def permute_rope_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's interleave (the inverse of ``unpermute_rope_rows``), for writing GGUF files in tests."""
+  out, inp = w_OxI.shape
+  k = out // n_heads
+  return w_OxI.reshape(n_heads, 2, k // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _supported_qtypes() -> set:
+  import gguf
+
+  traits = getattr(gguf.quants, "_type_traits", {})
+  return {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *traits}
+
+
+class GGUFCheckpoint:
+  """Metadata + lazy, dequantising tensor access by HF name (``get``)."""
+
+  def __init__(self, path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GGUF: no such file: {path}")
+    self.path = path
+    try:
+      self.reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises plain ValueError/struct errors for bad files
+      raise ValueError(f"GGUF: cannot read {path}: {e}") from e
+    self.fields = self.reader.fields
+    self.arch = self.meta("general.architecture")
+    if self.arch not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"GGUF {path}: unsupported architecture {self.arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
+    self.tensors = {t.name: t for t in self.reader.tensors}
+    ok = _supported_qtypes()
+    bad = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in ok})
+    if bad:
+      names = [t.name for t in self.reader.tensors if t.tensor_type.name in bad][:4]
+      raise ValueError(f"GGUF {path}: unsupported quantisation type(s) {bad} (e.g. tensors {names}); "
+                       f"supported: {sorted(q.name for q in ok)}")
+    if "rope_freqs.weight" in self.tensors:
+      raise ValueError(f"GGUF {path}: has 'rope_freqs.weight' (scaled RoPE, e.g. Llama 3.1); only plain RoPE is supported")
+
+  def meta(self, key: str, default: Any = KeyError) -> Any:
+    field = self.fields.get(key)
+    if field is None:
+      if default is KeyError:
+        raise ValueError(f"GGUF {self.path}: missing metadata key {key!r}")
+      return default
+    return field.contents()
+
+  def arch_meta(self, key: str, default: Any = KeyError) -> Any:
+    return self.meta(f"{self.arch}.{key}", default)
+
+  def config(self, *, dtype: str = "float32", compute_dtype: str | None = None, **overrides) -> ModelConfig:
+    d = int(self.arch_meta("embedding_length"))
+    heads = self.arch_meta("attention.head_count")
+    kv = self.arch_meta("attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv, list):
+      raise ValueError(f"GGUF {self.path}: per-layer head counts are not supported")
+    heads, kv = int(heads), int(kv)
+    head_dim = int(self.arch_meta("attention.key_length", d // heads))
+    rope_dim = int(self.arch_meta("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+      raise ValueError(f"GGUF {self.path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim})")
+    scaling = self.arch_meta("rope.scaling.type", "none")
+    if scaling not in ("none", None):
+      raise ValueError(f"GGUF {self.path}: rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
+    vocab = self.arch_meta("vocab_size", None)
+    if vocab is None:
+      vocab = len(self.fields["tokenizer.ggml.tokens"].data)
+    fields = dict(
+        vocab_size=int(vocab), d_model=d, num_layers=int(self.arch_meta("block_count")),
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        mlp_dim=int(self.arch_meta("feed_forward_length")),
+        rope_theta=float(self.arch_meta("rope.freq_base", 10000.0)),
+        rms_eps=float(self.arch_meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        qk_norm=self.arch == "qwen3",
+        tie_embeddings="output.weight" not in self.tensors,
+        max_position=int(self.arch_meta("context_length", 8192)),
+        layout=None, dtype=compute_dtype or dtype, param_dtype=dtype,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+  def hf_names(self) -> list[str]:
+    out = []
+    for name in self.tensors:
+      hf = gguf_to_hf_name(name)
+      out.append(hf if hf is not None else f"<gguf>{name}")
+    return out
+
+  def get(self, hf_name: str) -> np.ndarray:
+    """Dequantised float32 tensor in HF layout ([out, in])."""
+    import gguf
+
+    t = self.tensors.get(hf_to_gguf_name(hf_name))
+    if t is None:
+      raise KeyError(hf_name)
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+      raise ValueError(f"GGUF {self.path}: tensor {t.name!r}: unsupported quantisation {t.tensor_type.name}") from e
+    w = np.asarray(w, np.float32).reshape([int(x) for x in reversed(t.shape)])
+    if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+      key = "attention.head_count" if t.name.endswith("attn_q.weight") else "attention.head_count_kv"
+      w = unpermute_rope_rows(w, int(self.arch_meta(key, self.arch_meta("attention.head_count"))))
+    return w
+
+  __call__ = get
+
+
+def load_gguf(path: "str | GGUFCheckpoint", *, dtype: str = "float32", compute_dtype: str | None = None,
+              layout: HeadLayout | None = None, mesh=None, **config_overrides):
+  """A GGUF file -> (config, model), dequantised to ``dtype`` (see ``hf.load_pretrained_hf`` for the rest)."""
+  from hydrahead_jax.hf import check_extra_tensors, model_from_hf_tensors
+
+  ckpt = path if isinstance(path, GGUFCheckpoint) else GGUFCheckpoint(path)
+  cfg = ckpt.config(dtype=dtype, compute_dtype=compute_dtype)
+  check_extra_tensors(cfg, ckpt.hf_names(), source=ckpt.path)
+  return model_from_hf_tensors(cfg, ckpt.get, layout=layout, mesh=mesh, source=ckpt.path, **config_overrides)
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+# Pre-tokenizer splits by ``tokenizer.ggml.pre`` (as llama.cpp applies them before byte-level BPE).
+_DIGITS_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "qwen2": _QWEN2_RE}
+
+
+def _pre_tokenizer(pre: str | None):
+  from tokenizers import Regex, pre_tokenizers
+
+  if pre in _DIGITS_FIRST:
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  if pre in _SPLITS:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  if pre not in (None, "default", "gpt-2", "gpt2"):
+    warnings.warn(f"GGUF tokenizer: pre-tokenizer {pre!r} unknown here; using GPT-2 byte-level splitting")
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def tokenizer_from_gguf(ckpt: GGUFCheckpoint):
+  """A ``tokenizers.Tokenizer`` (byte-level BPE) from ``tokenizer.ggml.*`` metadata."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models
+
+  kind = ckpt.meta("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"GGUF {ckpt.path}: tokenizer type {kind!r} is not supported (only 'gpt2' byte-level BPE)")
+  tokens = ckpt.meta("tokenizer.ggml.tokens")
+  merges = ckpt.meta("tokenizer.ggml.merges", None)
+  if not merges:
+    raise ValueError(f"GGUF {ckpt.path}: byte-level BPE tokenizer without 'tokenizer.ggml.merges'")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+  tok.pre_tokenizer = _pre_tokenizer(ckpt.meta("tokenizer.ggml.pre", None))
+  tok.decoder = decoders.ByteLevel()
+  types = ckpt.meta("tokenizer.ggml.token_type", None) or []
+  special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+  user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+  if special:
+    tok.add_special_tokens(special)
+  if user:
+    tok.add_tokens(user)
+  return tok
+
+
+class GGUFTokenizer:
+  """``hydrahead_jax.data.tokenizer.Tokenizer`` protocol over the tokenizer stored in a GGUF file."""
+
+  def __init__(self, path: str):
+    ckpt = path if isinstance(path, GGUFCheckpoint) else GGUFCheckpoint(path)
+    self.path = os.path.abspath(ckpt.path)
+    self._tok = tokenizer_from_gguf(ckpt)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    get = lambda k: None if ckpt.meta(k, None) is None else int(ckpt.meta(k))
+    self.bos_id = get("tokenizer.ggml.bos_token_id")
+    self.eos_id = get("tokenizer.ggml.eos_token_id")
+    pad = get("tokenizer.ggml.padding_token_id")
+    self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+    self.add_bos = bool(ckpt.meta("tokenizer.ggml.add_bos_token", False))
+    self.chat_template = ckpt.meta("tokenizer.chat_template", None)
+
+  @property
+  def backend(self):
+    """The underlying ``tokenizers.Tokenizer``."""
+    return self._tok
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def info(self) -> dict[str, Any]:
+    return {"type": "gguf", "path": self.path, "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+  def save(self, path: str) -> None:
+    """Writes a ``tokenizer.json`` (loadable with ``hydrahead_jax.data.load_tokenizer``)."""
+    self._tok.save(path)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["path"])
+
+
+def gguf_tokenizer(path: str) -> GGUFTokenizer:
+  return GGUFTokenizer(path)

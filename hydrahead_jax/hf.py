@@ -361,7 +361,8 @@ def flat_to_hf(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
   for i in range(cfg.num_layers):
     if cfg.layout.fa_groups[i] != tuple(range(cfg.num_kv_heads)):
       raise ValueError(f"HF export: layer {i} has LA heads (layout {cfg.layout.describe(cfg.num_kv_heads)}); "
-                       "only all-FA models export to HF. Use checkpoint_io.save_hybrid_safetensors for hybrids")
+                       "only all-FA models export to HF. Export hybrids with checkpoint_io.save_hybrid_safetensors "
+                       "(CLI: --to safetensors)")
   if cfg.fusion == "rmsnorm_all":
     raise ValueError("HF export: fusion='rmsnorm_all' normalises FA heads, which HF Qwen3/Llama cannot express")
   D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim

@@ -1,0 +1,262 @@
+"""Head selection and teacher -> HydraHead conversion from the command line.
+
+    # 1) analysis + layouts + plots
+    python -m hydrahead_jax.select analyze --teacher smollm2 --lengths 1024,2048 --budget 7:1 --out runs/sel
+    # 2) conversion with calibrated fusion scales -> a model directory training can start from
+    python -m hydrahead_jax.select convert --teacher smollm2 --layout runs/sel/layout_global.json --out runs/student
+
+Other subcommands: ``layout`` (re-run a policy on a saved head_scores.json), ``probes`` (write probe sets as
+.npz, e.g. to score on a machine without the data stack: ``analyze --probes a.npz b.npz``).
+``--teacher``: ``smollm2``, a ``.gguf`` file, a HF directory (config.json + safetensors) or a model
+directory written by this CLI / checkpoint_io.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from hydrahead_jax.selection import policies
+from hydrahead_jax.selection.probes import DEFAULT_TASKS, ProbeSet
+
+
+def _ints(s: str) -> list[int]:
+  try:
+    return [int(x) for x in s.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+  return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _add_teacher(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--teacher", required=True, help="smollm2 | file.gguf | HF dir | model dir")
+  p.add_argument("--tokenizer", default=None, help="tokenizer.json overriding the teacher's")
+  p.add_argument("--dtype", default="float32", help="parameter dtype")
+  p.add_argument("--compute-dtype", default=None, help="activation dtype (default: --dtype)")
+
+
+def _load(args):
+  from hydrahead_jax.selection.ckpt import load_any
+
+  t0 = time.perf_counter()
+  cfg, model, tok = load_any(args.teacher, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                             tokenizer=args.tokenizer)
+  if any(cfg.num_fa_groups(l) != cfg.num_kv_heads for l in range(cfg.num_layers)):
+    print(f"note: {args.teacher} is a hybrid model; only its FA heads have attention weights", file=sys.stderr)
+  print(f"loaded {args.teacher}: {cfg.num_layers} layers x {cfg.num_heads} heads ({cfg.num_kv_heads} KV groups) "
+        f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+  return cfg, model, tok
+
+
+def _probe_sets(args, tok, seed: int, per_task: int) -> list[ProbeSet]:
+  from hydrahead_jax.selection.probes import make_probes
+
+  return [make_probes(tok, L, tasks=args.tasks, per_task=per_task, seed=seed) for L in args.lengths]
+
+
+def _layouts(scores, cfg, budget: str, names, seed: int, out_dir: str) -> dict:
+  out = {}
+  for name in names:
+    layout, info = policies.make_layout(name, scores, budget, num_groups=cfg.num_kv_heads,
+                                        heads_per_group=cfg.heads_per_group, seed=seed)
+    policies.write_layout(os.path.join(out_dir, f"layout_{name}.json"), layout, info)
+    out[name] = {**info, "fa_groups": [list(x) for x in layout.fa_groups]}
+  return out
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+def cmd_probes(args) -> None:
+  from hydrahead_jax.data.tokenizer import load_tokenizer
+
+  from hydrahead_jax.selection.ckpt import tokenizer_for
+
+  tok = tokenizer_for(args.teacher, args.tokenizer) if args.teacher else load_tokenizer(args.tokenizer)
+  os.makedirs(args.out, exist_ok=True)
+  for ps in _probe_sets(args, tok, args.seed, args.per_task):
+    path = os.path.join(args.out, f"probes_{ps.prompt_len}_seed{args.seed}.npz")
+    ps.save(path)
+    print(f"wrote {path}: {ps.num} probes, rows of {ps.length} tokens")
+
+
+def cmd_analyze(args) -> None:
+  from hydrahead_jax.selection import report
+  from hydrahead_jax.selection.analysis import AnalysisConfig, analyze, causal_test
+
+  cfg, model, tok = _load(args)
+  os.makedirs(args.out, exist_ok=True)
+  if args.probes:
+    sets = [ProbeSet.load(p) for p in args.probes]
+    held = [ProbeSet.load(p) for p in args.heldout_probes] if args.heldout_probes else None
+  else:
+    sets = _probe_sets(args, tok, args.seed, args.per_task)
+    held = _probe_sets(args, tok, args.seed + 1, args.causal_per_task) if args.causal_test else None
+  acfg = AnalysisConfig(min_delta=args.min_delta, batch_size=args.batch_size, chunk=args.chunk,
+                        methods=tuple(args.methods), screen_top=args.screen_top, cka_tokens=args.cka_tokens,
+                        seed=args.seed, progress=not args.quiet)
+  data = analyze(model, sets, acfg, name=args.teacher)
+  if held:
+    data["causal_test"] = [causal_test(model, ps, data["selection_score"], batch_size=args.batch_size,
+                                       chunk=args.chunk, draws=args.random_draws, seed=args.seed)
+                           for ps in held]
+    for ps, ct in zip(held, data["causal_test"]):
+      ct["length"] = ps.prompt_len
+  data["layouts"] = _layouts(data["selection_score"], cfg, args.budget, args.policies, args.seed, args.out)
+  data["budget"] = args.budget
+  report.write_json(os.path.join(args.out, "head_scores.json"), data)
+  main_layout = policies.read_layout(os.path.join(args.out, f"layout_{args.policies[0]}.json"))
+  report.heatmap(os.path.join(args.out, "heatmap.png"), data["selection_score"], heads_per_group=cfg.heads_per_group,
+                 layout=main_layout, title=f"{data['selection_score_name']} patching score "
+                                           f"({args.policies[0]} {args.budget} picks boxed)")
+  if data["cka"] is not None:
+    report.cka_plot(os.path.join(args.out, "cka.png"), data["cka"])
+  txt = report.text_report(data)
+  with open(os.path.join(args.out, "report.txt"), "w") as f:
+    f.write(txt)
+  print(txt)
+  print(f"wrote {args.out}/head_scores.json, heatmap.png, cka.png, report.txt, layout_*.json")
+
+
+def cmd_layout(args) -> None:
+  from hydrahead_jax.selection import report
+
+  data = report.read_scores(args.scores)
+  scores = report.grid(data, args.score) if args.score else np.asarray(
+      [[np.nan if v is None else v for v in row] for row in data["selection_score"]])
+  m = data["model"]
+  layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=m["num_kv_heads"],
+                                      heads_per_group=m["num_heads"] // m["num_kv_heads"], seed=args.seed)
+  policies.write_layout(args.out, layout, info)
+  print(f"{args.out}: {info['describe']}\n  {info['rounding']}\n  {info['selection']}")
+
+
+def cmd_convert(args) -> None:
+  from hydrahead_jax.selection.ckpt import save_model
+  from hydrahead_jax.selection.convert import calibration_batches, convert_teacher
+
+  cfg, model, tok = _load(args)
+  if args.layout:
+    layout = policies.read_layout(args.layout)
+  elif args.scores:
+    from hydrahead_jax.selection import report
+
+    data = report.read_scores(args.scores)
+    scores = np.asarray([[np.nan if v is None else v for v in row] for row in data["selection_score"]])
+    layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=cfg.num_kv_heads,
+                                        heads_per_group=cfg.heads_per_group, seed=args.seed)
+    print(f"layout: {info['describe']}; {info['rounding']}")
+  else:
+    raise SystemExit("convert: give --layout FILE or --scores head_scores.json (with --policy/--budget)")
+  kw = {"fusion": args.fusion} if args.fusion else {}
+  calib = held = None
+  if args.calib_num > 0:
+    calib = calibration_batches(tok, num=args.calib_num, length=args.calib_length, batch_size=args.calib_batch,
+                                seed=args.seed)
+    if args.heldout_num > 0:
+      held = calibration_batches(tok, num=args.heldout_num, length=args.calib_length, batch_size=args.calib_batch,
+                                 seed=args.seed + 1)
+  t0 = time.perf_counter()
+  student, rep = convert_teacher(model, layout, calib, heldout=held, iterations=args.calib_iters,
+                                 progress=not args.quiet, **kw)
+  rep["seconds"] = time.perf_counter() - t0
+  rep["teacher"] = args.teacher
+  tok_path = None
+  if hasattr(tok, "save") and not args.tokenizer:
+    tok_path = os.path.join(os.path.abspath(args.out) + ".tokenizer.json")
+    tok.save(tok_path)
+  path = save_model(student, args.out, extra={"conversion": _plain(rep), "tokenizer": args.tokenizer or tok_path})
+  print(f"student: {rep['describe']}")
+  if "heldout" in rep:
+    print(f"held-out LA head RMS vs teacher: max deviation {rep['heldout']['max_head_rms_dev']:.3%}, "
+          f"median channel deviation {rep['heldout']['median_channel_rms_dev']:.3%}")
+  print(f"wrote {path} ({rep['seconds']:.1f}s)")
+
+
+def _plain(x):
+  from hydrahead_jax.selection.report import _jsonable
+
+  return _jsonable(x)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m hydrahead_jax.select", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True)
+
+  def probe_args(p):
+    p.add_argument("--tasks", type=_names, default=list(DEFAULT_TASKS))
+    p.add_argument("--lengths", type=_ints, default=[512], help="prompt lengths in tokens, e.g. 1024,2048")
+    p.add_argument("--per-task", type=int, default=4, help="probes per task and length")
+    p.add_argument("--seed", type=int, default=0)
+
+  a = sub.add_parser("analyze", help="score every head; write scores, plots, report and layouts")
+  _add_teacher(a)
+  probe_args(a)
+  a.add_argument("--probes", nargs="*", default=None, help="precomputed probe sets (.npz) instead of generating")
+  a.add_argument("--heldout-probes", nargs="*", default=None, help="precomputed held-out sets for the causal test")
+  a.add_argument("--methods", type=_names, default=["exact", "attribution", "retrieval", "mean_ablation"])
+  a.add_argument("--screen-top", type=int, default=None, help="exact patching only on the top-N attribution heads")
+  a.add_argument("--min-delta", type=float, default=0.5)
+  a.add_argument("--batch-size", type=int, default=4)
+  a.add_argument("--chunk", type=int, default=8, help="patched copies per vmapped forward")
+  a.add_argument("--cka-tokens", type=int, default=2048)
+  a.add_argument("--causal-test", action=argparse.BooleanOptionalAction, default=True)
+  a.add_argument("--causal-per-task", type=int, default=4)
+  a.add_argument("--random-draws", type=int, default=5)
+  a.add_argument("--budget", default="7:1", help="'LA:FA' ratio or a number of FA groups")
+  a.add_argument("--policies", type=_names, default=list(policies.POLICIES))
+  a.add_argument("--out", required=True)
+  a.add_argument("--quiet", action="store_true")
+  a.set_defaults(fn=cmd_analyze)
+
+  lp = sub.add_parser("layout", help="a layout from a saved head_scores.json")
+  lp.add_argument("--scores", required=True)
+  lp.add_argument("--score", default=None, help="which score grid (default: the selection score)")
+  lp.add_argument("--policy", default="global", choices=policies.POLICIES)
+  lp.add_argument("--budget", default="7:1")
+  lp.add_argument("--seed", type=int, default=0)
+  lp.add_argument("--out", required=True)
+  lp.set_defaults(fn=cmd_layout)
+
+  c = sub.add_parser("convert", help="teacher + layout -> calibrated student checkpoint")
+  _add_teacher(c)
+  c.add_argument("--layout", default=None)
+  c.add_argument("--scores", default=None)
+  c.add_argument("--policy", default="global", choices=policies.POLICIES)
+  c.add_argument("--budget", default="7:1")
+  c.add_argument("--fusion", default=None, choices=["scale_norm", "rmsnorm_all", "none"])
+  c.add_argument("--calib-num", type=int, default=16, help="calibration sequences (0: no calibration)")
+  c.add_argument("--calib-length", type=int, default=512)
+  c.add_argument("--calib-batch", type=int, default=4)
+  c.add_argument("--calib-iters", type=int, default=3)
+  c.add_argument("--heldout-num", type=int, default=8, help="held-out sequences for the RMS check")
+  c.add_argument("--seed", type=int, default=0)
+  c.add_argument("--out", required=True)
+  c.add_argument("--quiet", action="store_true")
+  c.set_defaults(fn=cmd_convert)
+
+  pp = sub.add_parser("probes", help="write probe sets (.npz)")
+  pp.add_argument("--teacher", default=None, help="take the tokenizer from this teacher")
+  pp.add_argument("--tokenizer", default=None)
+  probe_args(pp)
+  pp.add_argument("--out", required=True)
+  pp.set_defaults(fn=cmd_probes)
+  return ap
+
+
+def main(argv=None) -> None:
+  args = build_parser().parse_args(argv)
+  for name in ("batch_size", "chunk", "per_task"):
+    if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+      raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
+  args.fn(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -29,6 +29,7 @@ TS = (8192, 32768, 131072)
 
 
 def _save(out: str, name: str, res: dict) -> None:
+  os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"{name}.json"), "w") as fh:
     json.dump(res, fh, indent=1)
 
@@ -49,6 +50,8 @@ def _versions() -> dict:
   return info
 
 
+CHECK_VARIANTS = ("bv16", "bv16_fsplit_save")
+BASELINES = True  # bench: also time the pure-JAX chunked GDN and cuDNN attention
 INTERPRET = False  # --interpret: dry run of the script on CPU (Pallas interpret mode, tiny T)
 
 
@@ -61,10 +64,23 @@ def _variants():
   from pallas_kernels.gated_delta_rule import gpu_triton
   C = gpu_triton.Config
   return {
+      "bv16": _config(C()),
       "bv32": _config(C(block_v=32)),
       "bv64": _config(C(block_v=64)),
-      "bv16": _config(C(block_v=16)),
-      "bv32_w8": _config(C(block_v=32, warps_seq=8)),
+      "bv16_ss4": _config(C(stages_seq=4)),
+      "bv16_ss5": _config(C(stages_seq=5)),
+      "bv32_ss4": _config(C(block_v=32, stages_seq=4)),
+      "bv16_wb4": _config(C(warps_bwd=4)),
+      "bv16_bb32": _config(C(bwd_block=32)),
+      "bv16_bb0": _config(C(bwd_block=0)),
+      "bv16_cpp2": _config(C(chunks_per_program=2)),
+      "bv16_cpp4s3": _config(C(chunks_per_program=4, stages=3)),
+      "bv16_wp8": _config(C(warps_par=8)),
+      "bv16_nosave": _config(C(save_inverse=False)),
+      "bv16_tf32x3": _config(C(inv_precision="tf32x3")),
+      "bv16_fsplit": _config(C(fwd_split=True)),
+      "bv16_fsplit_ss5": _config(C(fwd_split=True, stages_seq=5)),
+      "bv16_fsplit_save": _config(C(fwd_split=True, save_states=True)),
   }
 
 
@@ -84,9 +100,9 @@ def part_check(out: str) -> dict:
     rf, rg = bench.fwd_and_grad(bench.gdn_fn("recurrent"), with_state=True)
     ro, rht = rf(*up, h0, seg)
     rgrads = rg(*up, h0, seg, do, dht)
-    for inv in ("tf32", "tf32x3"):
-      cfg = _config(gpu_triton.Config(inv_precision=inv))
-      name = f"{jnp.dtype(dtype).name}.{inv}"
+    for vname in CHECK_VARIANTS:
+      cfg = _variants()[vname]
+      name = f"{jnp.dtype(dtype).name}.{vname}"
       try:
         pf, pg = bench.fwd_and_grad(bench.gdn_fn("pallas", backend="triton", config=cfg), with_state=True)
         o, ht = pf(q, k, v, g, beta, h0, seg)
@@ -162,8 +178,9 @@ def part_bench(out: str, ts=TS, variants: str = "") -> dict:
   for T in ts:
     if T != t_var:
       _time_gdn(res, f"pallas.{best}", bench.gdn_fn("pallas", backend="triton", config=all_variants[best]), T)
-    _time_gdn(res, "jnp_chunked", bench.gdn_fn("chunked"), T, reps=10 if T <= 32768 else 3)
-    _time_cudnn(res, T)
+    if BASELINES:
+      _time_gdn(res, "jnp_chunked", bench.gdn_fn("chunked"), T, reps=10 if T <= 32768 else 3)
+      _time_cudnn(res, T)
     _save(out, "bench", res)
   return res
 
@@ -249,6 +266,57 @@ def part_big(out: str) -> dict:
   return res
 
 
+def part_kernels(out: str, ts=(32768, 131072), variant: str = "bv16", seq_only: bool = False) -> dict:
+  """Per-kernel medians (ms) of one variant: where the forward and backward time goes."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench, gpu_triton, ops
+
+  cfg = _variants()[variant]
+  path = os.path.join(out, "kernels.json")
+  res = json.load(open(path)) if os.path.exists(path) else {"versions": _versions()}
+  B, H, K, V = SHAPE["B"], SHAPE["H"], SHAPE["K"], SHAPE["V"]
+  for T in ts:
+    q, k, v, g, beta, h0, _ = bench.make_inputs(jax.random.PRNGKey(T), B, T, H, K, V, jnp.bfloat16)
+    C, scale = 64, K**-0.5
+    gc = ops._chunk_cumsum(g, C)
+    beta_t = beta.astype(jnp.float32).transpose(0, 2, 1)
+    do = jax.random.normal(jax.random.PRNGKey(5), (B, T, H, V), jnp.bfloat16)
+    kw = dict(C=C, scale=scale, cfg=cfg)
+    wy = jax.jit(lambda q, k, v, gc, b: gpu_triton.wy_fwd(q, k, v, gc, b, None, emit_t=True, **kw))
+    w, u, p, t = wy(q, k, v, gc, beta_t)
+    wy_t = jax.jit(lambda q, k, v, gc, b, t: gpu_triton.wy_fwd(q, k, v, gc, b, None, t, **kw))
+    sf = jax.jit(lambda *a: gpu_triton.state_fwd(*a, out_dtype=jnp.bfloat16, store=False, **kw))
+    ss = jax.jit(lambda *a: gpu_triton.state_fwd(*a, out_dtype=jnp.bfloat16, store=True, **kw))
+    _, hs, vn = ss(q, k, w, u, p, gc, None, h0)
+    sb = jax.jit(lambda *a: gpu_triton.state_bwd(*a, **kw))
+    dvn, dhs, _ = sb(q, k, w, p, gc, None, do, h0)
+    dq = jax.jit(lambda *a: gpu_triton.dqk(*a, dq_dtype=jnp.bfloat16, **kw))
+    _, dkp, dw, dgcp = dq(q, k, gc, None, hs, dhs, vn, dvn, do)
+    wb = jax.jit(lambda *a: gpu_triton.wy_bwd(*a, dk_dtype=jnp.bfloat16, dv_dtype=jnp.bfloat16, C=C, cfg=cfg))
+    timed = {
+        "wy_fwd_emit_t": (wy, (q, k, v, gc, beta_t)),
+        "wy_fwd_from_t": (wy_t, (q, k, v, gc, beta_t, t)),
+        "state_fwd_o": (sf, (q, k, w, u, p, gc, None, h0)),
+        "state_fwd_store": (ss, (q, k, w, u, p, gc, None, h0)),
+        "state_bwd": (sb, (q, k, w, p, gc, None, do, h0)),
+        "output": (jax.jit(lambda *a: gpu_triton.output(*a, out_dtype=jnp.bfloat16, **kw)),
+                   (q, p, gc, None, hs, vn)),
+        "dqk": (dq, (q, k, gc, None, hs, dhs, vn, dvn, do)),
+        "wy_bwd": (wb, (k, v, gc, beta_t, None, t, dw, dvn, dkp, dgcp)),
+    }
+    for name, (fn, args) in timed.items():
+      if seq_only and not name.startswith("state_"):
+        continue
+      try:
+        res[f"{variant}.T{T}.{name}"] = round(bench.median_ms(fn, *args), 3)
+      except Exception as ex:  # noqa: BLE001
+        res[f"{variant}.T{T}.{name}.error"] = f"{type(ex).__name__}: {str(ex)[:500]}"
+    print({n: x for n, x in res.items() if n.startswith(f"{variant}.T{T}.")}, flush=True)
+    _save(out, "kernels", res)
+  return res
+
+
 def part_report(out: str) -> str:
   def load(name):
     path = os.path.join(out, f"{name}.json")
@@ -275,14 +343,20 @@ def part_report(out: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("parts", nargs="+", choices=["check", "bench", "fla", "big", "report"])
+  parser.add_argument("parts", nargs="+", choices=["check", "bench", "kernels", "fla", "big", "report"])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--variants", default="", help="comma-separated tiling variants timed at 32K")
   parser.add_argument("--ts", default="", help="comma-separated sequence lengths")
+  parser.add_argument("--seq-only", action="store_true", help="kernels: time only the sequential state passes")
+  parser.add_argument("--no-baselines", action="store_true", help="bench: skip jnp chunked and cuDNN")
+  parser.add_argument("--check-variants", default="", help="comma-separated variants checked on the GPU")
   parser.add_argument("--interpret", action="store_true", help="CPU dry run in Pallas interpret mode")
   args = parser.parse_args()
-  global INTERPRET
+  global INTERPRET, BASELINES, CHECK_VARIANTS
   INTERPRET = args.interpret
+  BASELINES = not args.no_baselines
+  if args.check_variants:
+    CHECK_VARIANTS = tuple(args.check_variants.split(","))
   if INTERPRET:
     SHAPE.update(H=2, K=32, V=32)
   ts = tuple(int(t) for t in args.ts.split(",")) if args.ts else TS
@@ -291,6 +365,9 @@ def main() -> None:
     try:
       if part == "bench":
         part_bench(args.out, ts, args.variants)
+      elif part == "kernels":
+        for variant in (args.variants or "bv16").split(","):
+          part_kernels(args.out, ts if args.ts else (32768, 131072), variant, seq_only=args.seq_only)
       elif part == "fla":
         part_fla(args.out, ts)
       else:

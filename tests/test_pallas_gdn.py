@@ -6,6 +6,7 @@ gradients once per backend and dtype; cases that differ only in data (strong dec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,6 +30,10 @@ def _backends() -> list:
 
 
 BACKENDS = _backends()
+# The Triton kernels' other code paths: inverse recomputed in the backward, split forward with saved states.
+VARIANTS = BACKENDS + [pytest.param(("triton", dataclasses.replace(gpu_triton.INTERPRET, save_inverse=False,
+                                                                   fwd_split=True, save_states=True)),
+                                    id="triton-recompute-split")]
 TOL = {"o": 0.005, "ht": 0.005, "q": 0.008, "k": 0.008, "v": 0.008, "h0": 0.008, "g": 0.02, "beta": 0.02}
 NAMES = ("q", "k", "v", "g", "beta", "h0")
 
@@ -110,7 +115,7 @@ def _compare(backend_cfg, args, seg, C=64, dtype_tol=1.0):
   return errs
 
 
-@pytest.mark.parametrize("backend_cfg", BACKENDS)
+@pytest.mark.parametrize("backend_cfg", VARIANTS)
 def test_forward_and_grads_segments_state_ragged(backend_cfg, rng):
   """T not a multiple of the chunk, segment resets, initial and final state, all gradients (f32)."""
   args = _inputs(rng, 2, 150, 2, 32, 32)

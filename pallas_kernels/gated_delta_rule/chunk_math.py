@@ -60,6 +60,16 @@ def chunk_decay(gc_C: Array, gc_last: Array, sid_C: Array | None, sid_last: Arra
   return Decay(gam_CxC, d_C, e_C, gam_last)
 
 
+def chunk_vectors(gc_C: Array, gc_last: Array, sid_C: Array | None, sid_last: Array | None):
+  """(d_C, e_C, gam_last) of ``chunk_decay`` without the C x C matrix (for the sequential state passes)."""
+  d_C, e_C, gam_last = jnp.exp(gc_C), jnp.exp(gc_last - gc_C), jnp.exp(gc_last)
+  if sid_C is not None:
+    d_C = jnp.where(sid_C == 0, d_C, 0.0)
+    e_C = jnp.where(sid_C == sid_last, e_C, 0.0)
+    gam_last = jnp.where(sid_last == 0, gam_last, 0.0)
+  return d_C, e_C, gam_last
+
+
 def strict_lower(x_CxC: Array) -> Array:
   row_CxC, col_CxC = iotas(x_CxC.shape[0])
   return jnp.where(row_CxC > col_CxC, x_CxC, 0.0)

@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.gated_delta_rule.chunk_math import (Decay, chunk_decay, mm, one_hot_last,
-                                                        strict_lower, wy_matrix)
+from pallas_kernels.gated_delta_rule.chunk_math import (Decay, chunk_decay, chunk_vectors, mm, one_hot_last,
+                                                        strict_lower, unit_lower_inverse, wy_matrix)
 
 Array = jax.Array
 f32 = jnp.float32
@@ -38,17 +38,22 @@ f32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Tiling and precision of the Triton kernels (hashable: a static argument)."""
-  block_v: int = 32  # V tile of the sequential kernels
+  block_v: int = 16  # V tile of the sequential kernels (grid B x H x V/block_v)
   chunks_per_program: int = 1  # chunks per program in the parallel kernels; 0: all of them
   warps_seq: int = 4
   warps_par: int = 4
   warps_bwd: int = 8
-  stages: int = 2
+  stages: int = 2  # software-pipelining depth of the chunk-parallel kernels
+  stages_seq: int = 3  # ... and of the sequential state passes (loads of chunk n+1.. overlap chunk n)
   inv_precision: str = "tf32"  # dots of the 64x64 inverse: 'tf32' | 'tf32x3' | 'bf16x3' | 'ieee'
+  save_inverse: bool = True  # keep T = (I + A)^-1 (float32, [B, H, T, C]) from forward to backward
+  bwd_block: int = 64  # K / V tile of the chunk-parallel backward kernels (0: whole K, V)
+  fwd_split: bool = False  # forward: state pass writes chunk states + Vn, a parallel kernel reads out o
+  save_states: bool = False  # with fwd_split: keep chunk states + Vn for the backward (memory for time)
   interpret: bool = False
 
 
-INTERPRET = Config(block_v=0, chunks_per_program=0, interpret=True)
+INTERPRET = Config(block_v=0, chunks_per_program=0, bwd_block=16, interpret=True)  # 16: tiled paths run
 
 _PRECISIONS = {
     "ieee": lax.Precision.HIGHEST,
@@ -96,8 +101,15 @@ def _scale_rows(x, s_C, dtype):
 # ----------------------------------------------------------------------------------------------- kernels
 
 
-def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, w_ref, u_ref, p_ref, *, C, L, scale,
-                   prec, inv_prec):
+def _vectors_at(gc_ref, sid_ref, t0, C):
+  sid = None if sid_ref is None else _vec(sid_ref, t0, C)
+  sid_last = None if sid_ref is None else sid_ref[t0 + C - 1]
+  return chunk_vectors(_vec(gc_ref, t0, C), gc_ref[t0 + C - 1], sid, sid_last)
+
+
+def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, tin_ref, w_ref, u_ref, p_ref, tout_ref, *,
+                   C, L, scale, prec, inv_prec):
+  """W, U, P of each chunk; T = (I + A)^-1 computed (optionally written) or read from a saved one."""
   cd = w_ref.dtype
 
   def chunk(i, carry):
@@ -105,7 +117,12 @@ def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, w_ref, u_ref,
     k_CxK, q_CxK = _rows(k_ref, t0, C), _rows(q_ref, t0, C)
     beta_C = _vec(beta_ref, t0, C)
     dec = _decay_at(gc_ref, sid_ref, t0, C)
-    _, _, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
+    if tin_ref is None:
+      _, _, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
+      if tout_ref is not None:
+        tout_ref[pl.ds(t0, C), :] = t_CxC
+    else:
+      t_CxC = _rows(tin_ref, t0, C)
     t_CxC = t_CxC.astype(cd)
     w_ref[pl.ds(t0, C), :] = mm(t_CxC, _scale_rows(k_CxK, beta_C * dec.d_C, cd), precision=prec).astype(cd)
     u_ref[pl.ds(t0, C), :] = mm(t_CxC, _scale_rows(_rows(v_ref, t0, C), beta_C, cd), precision=prec).astype(cd)
@@ -118,11 +135,12 @@ def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, w_ref, u_ref,
 
 def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, gc_ref, sid_ref, h0_ref, o_ref, ht_ref, hs_ref,
                       vn_ref, *, C, N, scale, prec):
+  """Sequential pass; row scalings go on the small [C, block_v] operands so Q, K, W, P feed the dots as loaded."""
   cd = w_ref.dtype
 
   def chunk(n, s_KxV):
     t0 = n * C
-    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    d_C, e_C, gam_last = _vectors_at(gc_ref, sid_ref, t0, C)
     s_c = s_KxV.astype(cd)
     if hs_ref is not None:
       hs_ref[n] = s_c
@@ -131,11 +149,11 @@ def _state_fwd_kernel(q_ref, k_ref, w_ref, u_ref, p_ref, gc_ref, sid_ref, h0_ref
     if vn_ref is not None:
       vn_ref[pl.ds(t0, C), :] = vn_c
     if o_ref is not None:
-      qd_CxK = _scale_rows(_rows(q_ref, t0, C), scale * dec.d_C, cd)
-      o_CxV = mm(qd_CxK, s_c, precision=prec) + mm(_rows(p_ref, t0, C), vn_c, precision=prec)
+      o_CxV = ((scale * d_C)[:, None] * mm(_rows(q_ref, t0, C), s_c, precision=prec)
+               + mm(_rows(p_ref, t0, C), vn_c, precision=prec))
       o_ref[pl.ds(t0, C), :] = o_CxV.astype(o_ref.dtype)
-    ke_CxK = _scale_rows(_rows(k_ref, t0, C), dec.e_C, cd)
-    return dec.gam_last * s_KxV + mm(ke_CxK, vn_c, ta=True, precision=prec)
+    ve_c = (vn_CxV * e_C[:, None]).astype(cd)
+    return gam_last * s_KxV + mm(_rows(k_ref, t0, C), ve_c, ta=True, precision=prec)
 
   ht_ref[...] = _loop(N, chunk, h0_ref[...].astype(f32))
 
@@ -146,84 +164,136 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, p_ref, gc_ref, sid_ref, do_ref, dht_r
 
   def chunk(n, ds_KxV):
     t0 = n * C
-    dec = _decay_at(gc_ref, sid_ref, t0, C)
+    d_C, e_C, gam_last = _vectors_at(gc_ref, sid_ref, t0, C)
     ds_c = ds_KxV.astype(cd)
     dhs_ref[n] = ds_c
     do_CxV = _rows(do_ref, t0, C)
-    ke_CxK = _scale_rows(_rows(k_ref, t0, C), dec.e_C, cd)
-    dvn_CxV = mm(_rows(p_ref, t0, C), do_CxV, ta=True, precision=prec) + mm(ke_CxK, ds_c, precision=prec)
+    dvn_CxV = (mm(_rows(p_ref, t0, C), do_CxV, ta=True, precision=prec)
+               + e_C[:, None] * mm(_rows(k_ref, t0, C), ds_c, precision=prec))
     dvn_c = dvn_CxV.astype(cd)
     dvn_ref[pl.ds(t0, C), :] = dvn_c
-    qd_CxK = _scale_rows(_rows(q_ref, t0, C), scale * dec.d_C, cd)
-    return (dec.gam_last * ds_KxV + mm(qd_CxK, do_CxV, ta=True, precision=prec)
+    dod_c = _scale_rows(do_CxV, scale * d_C, cd)
+    return (gam_last * ds_KxV + mm(_rows(q_ref, t0, C), dod_c, ta=True, precision=prec)
             - mm(_rows(w_ref, t0, C), dvn_c, ta=True, precision=prec))
 
   dh0_ref[...] = _loop(N, chunk, dht_ref[...].astype(f32), reverse=True)
 
 
-def _dqk_kernel(q_ref, k_ref, gc_ref, sid_ref, hs_ref, dhs_ref, vn_ref, dvn_ref, do_ref, dq_ref, dk_ref, dw_ref,
-                dgc_ref, *, C, L, scale, prec):
-  cd = hs_ref.dtype
+def _output_kernel(q_ref, p_ref, gc_ref, sid_ref, hs_ref, vn_ref, o_ref, *, C, L, scale, prec):
+  """Chunk-parallel read-out o = scale (d Q) S + P Vn from stored chunk-entry states and Vn."""
 
   def chunk(i, carry):
     t0 = i * C
-    dec = _decay_at(gc_ref, sid_ref, t0, C)
-    q_CxK, k_CxK = _rows(q_ref, t0, C), _rows(k_ref, t0, C)
-    s_KxV, ds_KxV = hs_ref[i], dhs_ref[i]
-    vn_CxV, do_CxV = _rows(vn_ref, t0, C), _rows(do_ref, t0, C)
-    x_CxK = mm(do_CxV, s_KxV, tb=True, precision=prec)
-    dp_CxC = mm(do_CxV, vn_CxV, tb=True, precision=prec)
-    y_CxK = mm(vn_CxV, ds_KxV, tb=True, precision=prec)
-    dw_ref[pl.ds(t0, C), :] = -mm(_rows(dvn_ref, t0, C), s_KxV, tb=True, precision=prec)
-    dgam = jnp.sum(jnp.sum(s_KxV.astype(f32) * ds_KxV.astype(f32), axis=1), axis=0)  # one axis per reduce
-    dq_inter_CxK = x_CxK * (scale * dec.d_C)[:, None]
-    pm_CxC = scale * dp_CxC * dec.gam_CxC
-    pm_c = pm_CxC.astype(cd)
-    dq_CxK = dq_inter_CxK + mm(pm_c, k_CxK, precision=prec)
-    dk_CxK = mm(pm_c, q_CxK, ta=True, precision=prec) + y_CxK * dec.e_C[:, None]
-    g1_CxC = pm_CxC * mm(q_CxK, k_CxK, tb=True, precision=prec)
-    z_C = dec.e_C * jnp.sum(k_CxK.astype(f32) * y_CxK, axis=1)
-    dgc_C = (jnp.sum(q_CxK.astype(f32) * dq_inter_CxK, axis=1) + jnp.sum(g1_CxC, axis=1)
-             - jnp.sum(g1_CxC, axis=0) - z_C + one_hot_last(C, jnp.sum(z_C) + dec.gam_last * dgam))
-    dq_ref[pl.ds(t0, C), :] = dq_CxK.astype(dq_ref.dtype)
-    dk_ref[pl.ds(t0, C), :] = dk_CxK
-    dgc_ref[pl.ds(t0, C)] = dgc_C
+    d_C, _, _ = _vectors_at(gc_ref, sid_ref, t0, C)
+    o_CxV = ((scale * d_C)[:, None] * mm(_rows(q_ref, t0, C), hs_ref[i], precision=prec)
+             + mm(_rows(p_ref, t0, C), _rows(vn_ref, t0, C), precision=prec))
+    o_ref[pl.ds(t0, C), :] = o_CxV.astype(o_ref.dtype)
     return carry
 
   _loop(L, chunk, 0)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, gc_ref, beta_ref, sid_ref, dw_ref, du_ref, dk_part_ref, dgc_part_ref, dk_ref,
-                   dv_ref, dbeta_ref, dgc_ref, *, C, L, prec, inv_prec):
-  cd = k_ref.dtype
+def _cols(ref, t0, C, j, b):
+  """Rows t0..t0+C, column tile j of width b."""
+  return ref[pl.ds(t0, C), pl.ds(j * b, b)]
+
+
+def _acc(total, x):
+  return x if total is None else total + x
+
+
+def _tile_sum(terms):
+  total = None
+  for x in terms:
+    total = _acc(total, x)
+  return total
+
+
+def _dqk_kernel(q_ref, k_ref, gc_ref, sid_ref, hs_ref, dhs_ref, vn_ref, dvn_ref, do_ref, dq_ref, dk_ref, dw_ref,
+                dgc_ref, *, C, L, scale, prec, bk, bv):
+  """Gradients through o = scale (d Q) S + P Vn, the hand-off gam S + (e K)^T Vn and Vn = U - W S:
+  dq (complete), the partial dk, dW and the partial d gc. Works on [C, bk] / [bk, bv] tiles."""
+  cd = hs_ref.dtype
+  nk, nv = q_ref.shape[-1] // bk, vn_ref.shape[-1] // bv
 
   def chunk(i, carry):
     t0 = i * C
     dec = _decay_at(gc_ref, sid_ref, t0, C)
-    k_CxK, v_CxV = _rows(k_ref, t0, C), _rows(v_ref, t0, C)
+    dp_CxC = _tile_sum(mm(_cols(do_ref, t0, C, j, bv), _cols(vn_ref, t0, C, j, bv), tb=True, precision=prec)
+                       for j in range(nv))
+    qk_CxC = _tile_sum(mm(_cols(q_ref, t0, C, j, bk), _cols(k_ref, t0, C, j, bk), tb=True, precision=prec)
+                       for j in range(nk))
+    pm_CxC = scale * dp_CxC * dec.gam_CxC
+    pm_c = pm_CxC.astype(cd)
+    g1_CxC = pm_CxC * qk_CxC
+    dgc_C = jnp.sum(g1_CxC, axis=1) - jnp.sum(g1_CxC, axis=0)
+    zsum, dgam = 0.0, 0.0
+    for kb in range(nk):
+      x, y, dw = None, None, None
+      for j in range(nv):
+        s_c = hs_ref[i, pl.ds(kb * bk, bk), pl.ds(j * bv, bv)]
+        ds_c = dhs_ref[i, pl.ds(kb * bk, bk), pl.ds(j * bv, bv)]
+        x = _acc(x, mm(_cols(do_ref, t0, C, j, bv), s_c, tb=True, precision=prec))
+        y = _acc(y, mm(_cols(vn_ref, t0, C, j, bv), ds_c, tb=True, precision=prec))
+        dw = _acc(dw, mm(_cols(dvn_ref, t0, C, j, bv), s_c, tb=True, precision=prec))
+        dgam = dgam + jnp.sum(jnp.sum(s_c.astype(f32) * ds_c.astype(f32), axis=1), axis=0)
+      q_c, k_c = _cols(q_ref, t0, C, kb, bk), _cols(k_ref, t0, C, kb, bk)
+      dq_inter = x * (scale * dec.d_C)[:, None]
+      dq = dq_inter + mm(pm_c, k_c, precision=prec)
+      dk = mm(pm_c, q_c, ta=True, precision=prec) + y * dec.e_C[:, None]
+      z_C = dec.e_C * jnp.sum(k_c.astype(f32) * y, axis=1)
+      dgc_C = dgc_C + jnp.sum(q_c.astype(f32) * dq_inter, axis=1) - z_C
+      zsum = zsum + jnp.sum(z_C)
+      dq_ref[pl.ds(t0, C), pl.ds(kb * bk, bk)] = dq.astype(dq_ref.dtype)
+      dk_ref[pl.ds(t0, C), pl.ds(kb * bk, bk)] = dk.astype(dk_ref.dtype)
+      dw_ref[pl.ds(t0, C), pl.ds(kb * bk, bk)] = (-dw).astype(dw_ref.dtype)
+    dgc_ref[pl.ds(t0, C)] = dgc_C + one_hot_last(C, zsum + dec.gam_last * dgam)
+    return carry
+
+  _loop(L, chunk, 0)
+
+
+def _wy_bwd_kernel(k_ref, v_ref, gc_ref, beta_ref, sid_ref, t_ref, dw_ref, du_ref, dk_part_ref, dgc_part_ref,
+                   dk_ref, dv_ref, dbeta_ref, dgc_ref, *, C, L, prec, inv_prec, bk, bv):
+  """Gradients through W = T diag(beta d) K, U = T diag(beta) V, T = (I + A)^-1 on [C, bk] / [C, bv] tiles."""
+  cd = k_ref.dtype
+  nk, nv = k_ref.shape[-1] // bk, v_ref.shape[-1] // bv
+
+  def chunk(i, carry):
+    t0 = i * C
+    dec = _decay_at(gc_ref, sid_ref, t0, C)
     beta_C = _vec(beta_ref, t0, C)
-    kk_CxC, a_CxC, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
     bd_C = beta_C * dec.d_C
-    kf_CxK, vf_CxV = k_CxK.astype(f32), v_CxV.astype(f32)
-    kb_CxK, vb_CxV = kf_CxK * bd_C[:, None], vf_CxV * beta_C[:, None]
-    dw_c, du_c, t_c = _rows(dw_ref, t0, C).astype(cd), _rows(du_ref, t0, C), t_CxC.astype(cd)
-    dt_CxC = (mm(dw_c, kb_CxK.astype(cd), tb=True, precision=prec)
-              + mm(du_c, vb_CxV.astype(cd), tb=True, precision=prec))
-    dkb_CxK = mm(t_c, dw_c, ta=True, precision=prec)
-    dvb_CxV = mm(t_c, du_c, ta=True, precision=prec)
-    tdt_CxC = mm(t_CxC, dt_CxC, ta=True, precision=inv_prec)
-    da_CxC = -strict_lower(mm(tdt_CxC, t_CxC, tb=True, precision=inv_prec))
+    kk_CxC = _tile_sum(mm(_cols(k_ref, t0, C, j, bk), _cols(k_ref, t0, C, j, bk), tb=True, precision=prec)
+                       for j in range(nk))
+    dt_CxC = _tile_sum(
+        [mm(_cols(dw_ref, t0, C, j, bk).astype(cd), _scale_rows(_cols(k_ref, t0, C, j, bk), bd_C, cd), tb=True,
+            precision=prec) for j in range(nk)]
+        + [mm(_cols(du_ref, t0, C, j, bv), _scale_rows(_cols(v_ref, t0, C, j, bv), beta_C, cd), tb=True,
+              precision=prec) for j in range(nv)])
+    a_CxC = strict_lower(beta_C[:, None] * kk_CxC * dec.gam_CxC)
+    t_CxC = unit_lower_inverse(a_CxC, inv_prec) if t_ref is None else _rows(t_ref, t0, C)
+    da_CxC = -strict_lower(mm(mm(t_CxC, dt_CxC, ta=True, precision=inv_prec), t_CxC, tb=True,
+                              precision=inv_prec))
     m_CxC = da_CxC * dec.gam_CxC
     mb_c = (beta_C[:, None] * m_CxC).astype(cd)
-    dk_CxK = (_rows(dk_part_ref, t0, C) + dkb_CxK * bd_C[:, None] + mm(mb_c, k_CxK, precision=prec)
-              + mm(mb_c, k_CxK, ta=True, precision=prec))
-    dbeta_C = (dec.d_C * jnp.sum(kf_CxK * dkb_CxK, axis=1) + jnp.sum(vf_CxV * dvb_CxV, axis=1)
-               + jnp.sum(m_CxC * kk_CxC, axis=1))
     g2_CxC = da_CxC * a_CxC
-    dgc_C = (_vec(dgc_part_ref, t0, C) + jnp.sum(kb_CxK * dkb_CxK, axis=1) + jnp.sum(g2_CxC, axis=1)
-             - jnp.sum(g2_CxC, axis=0))
-    dk_ref[pl.ds(t0, C), :] = dk_CxK.astype(dk_ref.dtype)
-    dv_ref[pl.ds(t0, C), :] = (dvb_CxV * beta_C[:, None]).astype(dv_ref.dtype)
+    dbeta_C = jnp.sum(m_CxC * kk_CxC, axis=1)
+    dgc_C = _vec(dgc_part_ref, t0, C) + jnp.sum(g2_CxC, axis=1) - jnp.sum(g2_CxC, axis=0)
+    t_c = t_CxC.astype(cd)
+    for j in range(nk):
+      k_c = _cols(k_ref, t0, C, j, bk)
+      dkb = mm(t_c, _cols(dw_ref, t0, C, j, bk).astype(cd), ta=True, precision=prec)
+      kf = k_c.astype(f32)
+      dk = (_cols(dk_part_ref, t0, C, j, bk).astype(f32) + dkb * bd_C[:, None] + mm(mb_c, k_c, precision=prec)
+            + mm(mb_c, k_c, ta=True, precision=prec))
+      dbeta_C = dbeta_C + dec.d_C * jnp.sum(kf * dkb, axis=1)
+      dgc_C = dgc_C + bd_C * jnp.sum(kf * dkb, axis=1)
+      dk_ref[pl.ds(t0, C), pl.ds(j * bk, bk)] = dk.astype(dk_ref.dtype)
+    for j in range(nv):
+      dvb = mm(t_c, _cols(du_ref, t0, C, j, bv), ta=True, precision=prec)
+      dbeta_C = dbeta_C + jnp.sum(_cols(v_ref, t0, C, j, bv).astype(f32) * dvb, axis=1)
+      dv_ref[pl.ds(t0, C), pl.ds(j * bv, bv)] = (dvb * beta_C[:, None]).astype(dv_ref.dtype)
     dbeta_ref[pl.ds(t0, C)] = dbeta_C
     dgc_ref[pl.ds(t0, C)] = dgc_C
     return carry
@@ -264,8 +334,10 @@ class _Specs:
     return pl.BlockSpec((None, None, K, V), lambda b, h, j: (b, h, 0, j))
 
 
-def _call(kernel, cfg: Config, grid, in_specs, out_specs, out_shape, warps: int, name: str):
-  params = None if cfg.interpret else pltr.CompilerParams(num_warps=warps, num_stages=cfg.stages)
+def _call(kernel, cfg: Config, grid, in_specs, out_specs, out_shape, warps: int, name: str, cd=jnp.bfloat16):
+  stages = cfg.stages_seq if name.startswith("gdn_state") else cfg.stages
+  stages = 1 if jnp.dtype(cd) == jnp.float32 else stages  # float32 tiles: no room for a second stage
+  params = None if cfg.interpret else pltr.CompilerParams(num_warps=warps, num_stages=stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                         compiler_params=params, interpret=cfg.interpret, name=name)
 
@@ -298,22 +370,28 @@ def _block_v(V: int, cfg: Config) -> int:
   return V if cfg.block_v == 0 else min(cfg.block_v, V)
 
 
-def wy_fwd(q, k, v, gc, beta, sid, *, C: int, scale: float, cfg: Config):
+def wy_fwd(q, k, v, gc, beta, sid, t_in=None, *, C: int, scale: float, cfg: Config, emit_t: bool = False):
+  """(W, U, P[, T]): T is computed (and returned when emit_t) unless a saved one is given."""
   B, Tp, H, K = k.shape
   V = v.shape[-1]
   cd = k.dtype
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, inv = _precisions(cfg, cd)
+  emit_t = emit_t and t_in is None
   kernel = functools.partial(_wy_fwd_kernel, C=C, L=L, scale=scale, prec=prec, inv_prec=inv)
-  args = [q, k, v, gc, beta, sid]
-  specs = [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg()]
-  present = tuple(a is not None for a in args) + (True,) * 3
+  args = [q, k, v, gc, beta, sid, t_in]
+  specs = [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C)]
+  present = tuple(a is not None for a in args) + (True, True, True, emit_t)
   specs, args = _drop_none(specs, args)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd),
                jax.ShapeDtypeStruct((B, H, Tp, C), cd)]
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, [sp.tok(K), sp.tok(V), sp.mat(C)],
-               out_shape, cfg.warps_par, "gdn_wy_fwd")(*args)
+  out_specs = [sp.tok(K), sp.tok(V), sp.mat(C)]
+  if emit_t:
+    out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, C), f32))
+    out_specs.append(sp.mat(C))
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_par,
+               "gdn_wy_fwd", cd)(*args)
 
 
 def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, store: bool, cfg: Config):
@@ -339,7 +417,7 @@ def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, st
     out_shape += [jax.ShapeDtypeStruct((B, H, N, K, V), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd)]
     out_specs += [sp.states(N, K, bv), sp.tok(bv, True)]
   return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
-               cfg.warps_seq, "gdn_state_fwd")(*args)
+               cfg.warps_seq, "gdn_state_fwd", cd)(*args)
 
 
 def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config):
@@ -359,7 +437,12 @@ def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config
                jax.ShapeDtypeStruct((B, H, K, V), f32)]
   out_specs = [sp.tok(bv, True), sp.states(N, K, bv), sp.state(K, bv)]
   return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
-               cfg.warps_seq, "gdn_state_bwd")(*args)
+               cfg.warps_seq, "gdn_state_bwd", cd)(*args)
+
+
+def _bwd_tiles(K: int, V: int, cfg: Config) -> dict:
+  b = cfg.bwd_block
+  return dict(bk=K if b == 0 else min(b, K), bv=V if b == 0 else min(b, V))
 
 
 def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, cfg: Config):
@@ -369,56 +452,82 @@ def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, 
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, _ = _precisions(cfg, cd)
-  kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec)
+  kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec, **_bwd_tiles(K, V, cfg))
   args = [q, k, gc, sid, hs, dhs, vn, dvn, do]
   specs = [sp.tok(K), sp.tok(K), sp.vec(), sp.seg(), sp.states(L, K, V), sp.states(L, K, V), sp.tok(V),
            sp.tok(V), sp.tok(V)]
   present = tuple(a is not None for a in args) + (True,) * 4
   specs, args = _drop_none(specs, args)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), f32),
-               jax.ShapeDtypeStruct((B, Tp, H, K), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
+               jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, H, Tp), f32)]
   out_specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.vec()]
   return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
-               "gdn_dqk")(*args)
+               "gdn_dqk", cd)(*args)
 
 
-def wy_bwd(k, v, gc, beta, sid, dw, du, dk_part, dgc_part, *, C: int, dk_dtype, dv_dtype, cfg: Config):
+def output(q, p, gc, sid, hs, vn, *, C: int, scale: float, out_dtype, cfg: Config):
+  B, Tp, H, K = q.shape
+  V = vn.shape[-1]
+  cd = q.dtype
+  L, J = _par_layout(Tp, C, cfg)
+  sp = _Specs(L * C, by_rows=True)
+  prec, _ = _precisions(cfg, cd)
+  kernel = functools.partial(_output_kernel, C=C, L=L, scale=scale, prec=prec)
+  args = [q, p, gc, sid, hs, vn]
+  specs = [sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.states(L, K, V), sp.tok(V)]
+  present = tuple(a is not None for a in args) + (True,)
+  specs, args = _drop_none(specs, args)
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, sp.tok(V),
+               jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), cfg.warps_par, "gdn_output", cd)(*args)
+
+
+def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtype, dv_dtype, cfg: Config):
   B, Tp, H, K = k.shape
   V = v.shape[-1]
   cd = k.dtype
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, inv = _precisions(cfg, cd)
-  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv)
-  args = [k, v, gc, beta, sid, dw, du, dk_part, dgc_part]
-  specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.tok(K), sp.tok(V), sp.tok(K), sp.vec()]
+  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv, **_bwd_tiles(K, V, cfg))
+  args = [k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part]
+  specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C), sp.tok(K), sp.tok(V), sp.tok(K), sp.vec()]
   present = tuple(a is not None for a in args) + (True,) * 4
   specs, args = _drop_none(specs, args)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dk_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), dv_dtype),
                jax.ShapeDtypeStruct((B, H, Tp), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
   out_specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec()]
   return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
-               "gdn_wy_bwd")(*args)
+               "gdn_wy_bwd", cd)(*args)
 
 
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def forward(q, k, v, gc, beta, sid, h0, *, C: int, scale: float, out_dtype, cfg: Config):
-  """(o [B, Tp, H, V], final state [B, H, K, V] f32) from padded, prepared inputs."""
-  w, u, p = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg)
-  return tuple(state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=False,
-                         cfg=cfg))
+def forward(q, k, v, gc, beta, sid, h0, *, C: int, scale: float, out_dtype, cfg: Config, save: bool = False):
+  """(o [B, Tp, H, V], final state [B, H, K, V] f32, saved (T, states, Vn) or None) from prepared inputs."""
+  outs = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg, emit_t=save and cfg.save_inverse)
+  w, u, p = outs[:3]
+  t = outs[3] if len(outs) > 3 else None
+  if not cfg.fwd_split:
+    o, ht = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=False, cfg=cfg)
+    return o, ht, (t, None, None)
+  ht, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=True, cfg=cfg)
+  o = output(q, p, gc, sid, hs, vn, C=C, scale=scale, out_dtype=out_dtype, cfg=cfg)
+  if save and cfg.save_states:
+    return o, ht, (t, hs, vn)
+  return o, ht, (t, None, None)
 
 
-def backward(q, k, v, gc, beta, sid, h0, do, dht, *, C: int, scale: float, cfg: Config):
-  """(dq, dk, dv, dgc, dbeta, dh0); recomputes W, U, P and the chunk-entry states."""
-  w, u, p = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg)
-  _, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=k.dtype, store=True,
-                        cfg=cfg)
+def backward(q, k, v, gc, beta, sid, h0, saved, do, dht, *, C: int, scale: float, cfg: Config):
+  """(dq, dk, dv, dgc, dbeta, dh0); recomputes W, U, P (from the saved T if any) and the chunk-entry states
+  (unless saved)."""
+  t, hs, vn = saved
+  w, u, p = wy_fwd(q, k, v, gc, beta, sid, t, C=C, scale=scale, cfg=cfg)[:3]
+  if hs is None:
+    _, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=k.dtype, store=True, cfg=cfg)
   dvn, dhs, dh0 = state_bwd(q, k, w, p, gc, sid, do, dht, C=C, scale=scale, cfg=cfg)
   dq, dk_part, dw, dgc_part = dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, C=C, scale=scale, dq_dtype=q.dtype,
                                   cfg=cfg)
-  dk, dv, dbeta, dgc = wy_bwd(k, v, gc, beta, sid, dw, dvn, dk_part, dgc_part, C=C, dk_dtype=k.dtype,
+  dk, dv, dbeta, dgc = wy_bwd(k, v, gc, beta, sid, t, dw, dvn, dk_part, dgc_part, C=C, dk_dtype=k.dtype,
                               dv_dtype=v.dtype, cfg=cfg)
   return dq, dk, dv, dgc, dbeta, dh0

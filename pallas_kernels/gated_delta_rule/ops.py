@@ -46,22 +46,28 @@ def default_backend() -> tuple[str, object]:
   return "triton", gpu_triton.INTERPRET
 
 
+def _forward(q, k, v, gc, beta, sid, h0, st: Static, save: bool):
+  mod = _backend_module(st.backend)
+  return mod.forward(q, k, v, gc, beta, sid, h0, C=st.C, scale=st.scale, out_dtype=st.out_dtype, cfg=st.cfg,
+                     save=save)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _core(q, k, v, gc, beta, sid, h0, st: Static):
-  mod = _backend_module(st.backend)
-  return mod.forward(q, k, v, gc, beta, sid, h0, C=st.C, scale=st.scale, out_dtype=st.out_dtype, cfg=st.cfg)
+  return _forward(q, k, v, gc, beta, sid, h0, st, save=False)[:2]
 
 
 def _core_fwd(q, k, v, gc, beta, sid, h0, st: Static):
-  return _core(q, k, v, gc, beta, sid, h0, st), (q, k, v, gc, beta, sid, h0)
+  o, ht, extra = _forward(q, k, v, gc, beta, sid, h0, st, save=True)
+  return (o, ht), (q, k, v, gc, beta, sid, h0, extra)
 
 
 def _core_bwd(st: Static, res, cts):
-  q, k, v, gc, beta, sid, h0 = res
+  q, k, v, gc, beta, sid, h0, extra = res
   do, dht = cts
   mod = _backend_module(st.backend)
-  dq, dk, dv, dgc, dbeta, dh0 = mod.backward(q, k, v, gc, beta, sid, h0, do.astype(k.dtype), dht.astype(f32),
-                                             C=st.C, scale=st.scale, cfg=st.cfg)
+  dq, dk, dv, dgc, dbeta, dh0 = mod.backward(q, k, v, gc, beta, sid, h0, extra, do.astype(k.dtype),
+                                             dht.astype(f32), C=st.C, scale=st.scale, cfg=st.cfg)
   return dq, dk, dv, dgc, dbeta, None, dh0
 
 

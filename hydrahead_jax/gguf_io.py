@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -79,6 +79,89 @@ def permute_rope_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
 
 # -- reading ---------------------------------------------------------------------------------------
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+  """GGUF v2/v3 header: metadata and tensor table, parsed in one pass over the file's first bytes.
+
+  (``gguf.GGUFReader`` builds a memmap view per metadata item, which takes seconds for a 49K-token
+  vocabulary; the format is simple enough to read directly. Tensor data is memory-mapped, not read.)
+  """
+
+  def __init__(self, path: str):
+    import struct
+
+    self.path = path
+    with open(path, "rb") as f:
+      buf = f.read(1 << 20)
+      self._f, self._buf, self._pos, self._unpack = f, buf, 0, struct.unpack_from
+      if self._raw(4) != b"GGUF":
+        raise ValueError("not a GGUF file (bad magic)")
+      version = self._scalar(4)
+      if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; big-endian files are not)")
+      n_tensors, n_kv = self._scalar(10), self._scalar(10)
+      self.fields: dict[str, Any] = {}
+      for _ in range(n_kv):
+        key = self._string()
+        self.fields[key] = self._value(self._scalar(4))
+      self.tensor_info = []  # (name, dims in GGUF order, type id, offset)
+      for _ in range(n_tensors):
+        name = self._string()
+        dims = [self._scalar(10) for _ in range(self._scalar(4))]
+        self.tensor_info.append((name, dims, self._scalar(4), self._scalar(10)))
+      align = int(self.fields.get("general.alignment", 32))
+      self.data_start = -(-self._pos // align) * align
+
+  def _ensure(self, n: int) -> None:
+    if self._pos + n > len(self._buf):
+      self._f.seek(len(self._buf))
+      more = self._f.read(max(n, 1 << 22))
+      if self._pos + n > len(self._buf) + len(more):
+        raise ValueError("truncated GGUF header")
+      self._buf += more
+
+  def _raw(self, n: int) -> bytes:
+    self._ensure(n)
+    out = self._buf[self._pos: self._pos + n]
+    self._pos += n
+    return out
+
+  def _scalar(self, t: int):
+    fmt = _SCALARS[t]
+    n = 1 if t in (0, 1, 7) else (2 if t in (2, 3) else (4 if t in (4, 5, 6) else 8))
+    self._ensure(n)
+    v = self._unpack(fmt, self._buf, self._pos)[0]
+    self._pos += n
+    return v
+
+  def _string(self) -> str:
+    return self._raw(self._scalar(10)).decode("utf-8", errors="replace")
+
+  def _value(self, t: int):
+    if t == _STRING:
+      return self._string()
+    if t == _ARRAY:
+      et, count = self._scalar(4), self._scalar(10)
+      if et == _STRING:
+        return [self._string() for _ in range(count)]
+      if et in _SCALARS:
+        dt = np.dtype(_SCALARS[et])
+        return np.frombuffer(self._raw(count * dt.itemsize), dt).tolist()
+      return [self._value(et) for _ in range(count)]
+    if t not in _SCALARS:
+      raise ValueError(f"unknown GGUF metadata value type {t}")
+    return self._scalar(t)
+
+
+class _Tensor(NamedTuple):
+  name: str
+  tensor_type: Any  # gguf.GGMLQuantizationType
+  shape: tuple[int, ...]  # numpy order ([out, in] for matrices)
+  data: np.ndarray  # raw: uint8 [rows, bytes per row] for block types, typed otherwise
+
 
 def _supported_qtypes() -> set:
   import gguf
@@ -97,30 +180,50 @@ class GGUFCheckpoint:
       raise FileNotFoundError(f"GGUF: no such file: {path}")
     self.path = path
     try:
-      self.reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises plain ValueError/struct errors for bad files
+      header = _Header(path)
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
       raise ValueError(f"GGUF: cannot read {path}: {e}") from e
-    self.fields = self.reader.fields
+    self.fields = header.fields
     self.arch = self.meta("general.architecture")
     if self.arch not in SUPPORTED_ARCHITECTURES:
       raise ValueError(f"GGUF {path}: unsupported architecture {self.arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
-    self.tensors = {t.name: t for t in self.reader.tensors}
+    mm = np.memmap(path, np.uint8, mode="r")
+    self.tensors: dict[str, _Tensor] = {}
+    bad: dict[str, list[str]] = {}
     ok = _supported_qtypes()
-    bad = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in ok})
+    for name, dims, type_id, offset in header.tensor_info:
+      try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+      except ValueError:
+        bad.setdefault(f"type id {type_id}", []).append(name)
+        continue
+      if qtype not in ok:
+        bad.setdefault(qtype.name, []).append(name)
+        continue
+      block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+      shape = tuple(int(d) for d in reversed(dims))
+      nbytes = int(np.prod(shape)) // block * type_size
+      raw = mm[header.data_start + offset: header.data_start + offset + nbytes]
+      if qtype == gguf.GGMLQuantizationType.F32:
+        raw = raw.view(np.float32)
+      elif qtype == gguf.GGMLQuantizationType.F16:
+        raw = raw.view(np.float16)
+      else:
+        raw = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+      self.tensors[name] = _Tensor(name, qtype, shape, raw)
     if bad:
-      names = [t.name for t in self.reader.tensors if t.tensor_type.name in bad][:4]
-      raise ValueError(f"GGUF {path}: unsupported quantisation type(s) {bad} (e.g. tensors {names}); "
+      examples = [n for names in bad.values() for n in names][:4]
+      raise ValueError(f"GGUF {path}: unsupported quantisation type(s) {sorted(bad)} (e.g. tensors {examples}); "
                        f"supported: {sorted(q.name for q in ok)}")
     if "rope_freqs.weight" in self.tensors:
       raise ValueError(f"GGUF {path}: has 'rope_freqs.weight' (scaled RoPE, e.g. Llama 3.1); only plain RoPE is supported")
 
   def meta(self, key: str, default: Any = KeyError) -> Any:
-    field = self.fields.get(key)
-    if field is None:
+    if key not in self.fields:
       if default is KeyError:
         raise ValueError(f"GGUF {self.path}: missing metadata key {key!r}")
       return default
-    return field.contents()
+    return self.fields[key]
 
   def arch_meta(self, key: str, default: Any = KeyError) -> Any:
     return self.meta(f"{self.arch}.{key}", default)
@@ -141,7 +244,7 @@ class GGUFCheckpoint:
       raise ValueError(f"GGUF {self.path}: rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
     vocab = self.arch_meta("vocab_size", None)
     if vocab is None:
-      vocab = len(self.fields["tokenizer.ggml.tokens"].data)
+      vocab = len(self.meta("tokenizer.ggml.tokens"))
     fields = dict(
         vocab_size=int(vocab), d_model=d, num_layers=int(self.arch_meta("block_count")),
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
@@ -174,7 +277,7 @@ class GGUFCheckpoint:
       w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
       raise ValueError(f"GGUF {self.path}: tensor {t.name!r}: unsupported quantisation {t.tensor_type.name}") from e
-    w = np.asarray(w, np.float32).reshape([int(x) for x in reversed(t.shape)])
+    w = np.asarray(w, np.float32).reshape(t.shape)
     if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
       key = "attention.head_count" if t.name.endswith("attn_q.weight") else "attention.head_count_kv"
       w = unpermute_rope_rows(w, int(self.arch_meta(key, self.arch_meta("attention.head_count"))))

@@ -42,18 +42,20 @@ class Config:
   chunks_per_program: int = 1  # chunks per program in the parallel kernels; 0: all of them
   warps_seq: int = 4
   warps_par: int = 4
-  warps_bwd: int = 8
+  warps_dqk: int = 8
+  warps_wyb: int = 4
   stages: int = 2  # software-pipelining depth of the chunk-parallel kernels
   stages_seq: int = 3  # ... and of the sequential state passes (loads of chunk n+1.. overlap chunk n)
   inv_precision: str = "tf32"  # dots of the 64x64 inverse: 'tf32' | 'tf32x3' | 'bf16x3' | 'ieee'
   save_inverse: bool = True  # keep T = (I + A)^-1 (float32, [B, H, T, C]) from forward to backward
-  bwd_block: int = 64  # K / V tile of the chunk-parallel backward kernels (0: whole K, V)
+  dqk_block: int = 0  # K / V tile of the dqk kernel (0: whole K, V)
+  wyb_block: int = 64  # K / V tile of the wy_bwd kernel
   fwd_split: bool = False  # forward: state pass writes chunk states + Vn, a parallel kernel reads out o
   save_states: bool = False  # with fwd_split: keep chunk states + Vn for the backward (memory for time)
   interpret: bool = False
 
 
-INTERPRET = Config(block_v=0, chunks_per_program=0, bwd_block=16, interpret=True)  # 16: tiled paths run
+INTERPRET = Config(block_v=0, chunks_per_program=0, dqk_block=16, wyb_block=16, interpret=True)  # tiled paths
 
 _PRECISIONS = {
     "ieee": lax.Precision.HIGHEST,
@@ -440,9 +442,10 @@ def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config
                cfg.warps_seq, "gdn_state_bwd", cd)(*args)
 
 
-def _bwd_tiles(K: int, V: int, cfg: Config) -> dict:
-  b = cfg.bwd_block
-  return dict(bk=K if b == 0 else min(b, K), bv=V if b == 0 else min(b, V))
+def _bwd_tiles(K: int, V: int, block: int, cd) -> dict:
+  if jnp.dtype(cd) == jnp.float32:  # float32 tiles: keep shared memory in bounds
+    block = 64 if block == 0 else min(block, 64)
+  return dict(bk=K if block == 0 else min(block, K), bv=V if block == 0 else min(block, V))
 
 
 def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, cfg: Config):
@@ -452,16 +455,16 @@ def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, 
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, _ = _precisions(cfg, cd)
-  kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec, **_bwd_tiles(K, V, cfg))
+  kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec, **_bwd_tiles(K, V, cfg.dqk_block, cd))
   args = [q, k, gc, sid, hs, dhs, vn, dvn, do]
   specs = [sp.tok(K), sp.tok(K), sp.vec(), sp.seg(), sp.states(L, K, V), sp.states(L, K, V), sp.tok(V),
            sp.tok(V), sp.tok(V)]
   present = tuple(a is not None for a in args) + (True,) * 4
   specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), cd),
                jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, H, Tp), f32)]
   out_specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.vec()]
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_dqk,
                "gdn_dqk", cd)(*args)
 
 
@@ -488,7 +491,8 @@ def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtyp
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, inv = _precisions(cfg, cd)
-  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv, **_bwd_tiles(K, V, cfg))
+  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv,
+                             **_bwd_tiles(K, V, cfg.wyb_block, cd))
   args = [k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part]
   specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C), sp.tok(K), sp.tok(V), sp.tok(K), sp.vec()]
   present = tuple(a is not None for a in args) + (True,) * 4
@@ -496,7 +500,7 @@ def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtyp
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dk_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), dv_dtype),
                jax.ShapeDtypeStruct((B, H, Tp), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
   out_specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec()]
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_bwd,
+  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_wyb,
                "gdn_wy_bwd", cd)(*args)
 
 

@@ -1,0 +1,1 @@
+"""Training: typed configs, optimizer, jitted step, Orbax checkpoints and the loop (``train.py``)."""

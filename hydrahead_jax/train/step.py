@@ -1,0 +1,118 @@
+"""The jitted train step (gradient accumulation over microbatches) and the eval step.
+
+Loss: next-token cross entropy (float32 logits) summed over ``loss_mask`` and divided by the
+number of masked tokens of the whole step, so ``grad_accum`` microbatches give the same gradient
+as one big batch. A step whose loss, gradient norm or new parameters are not finite returns the
+previous state unchanged with ``ok = 0``; the loop stops on it, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hydrahead_jax.train.state import global_norm, merge
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
+
+
+def token_stats(logits_BxTxV, batch) -> dict[str, jax.Array]:
+  """Sums over a batch: masked CE, masked tokens, answer tokens and correct answer tokens."""
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  mask, answer = batch["loss_mask"], batch["answer_mask"]
+  hit_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return {
+      "ce_sum": jnp.sum(ce_BxT * mask),
+      "tokens": jnp.sum(mask),
+      "answers": jnp.sum(answer),
+      "answer_hits": jnp.sum(hit_BxT * answer),
+  }
+
+
+def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, T] -> [n, B/n, T]; microbatch a holds rows a, a+n, ... (keeps data sharding contiguous)."""
+  out = {}
+  for k in BATCH_KEYS:
+    x = batch[k]
+    B = x.shape[0]
+    out[k] = jnp.swapaxes(x.reshape(B // n, n, *x.shape[1:]), 0, 1)
+  return out
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable,
+                    grad_accum: int) -> Callable:
+  """``step(state, batch) -> (state, metrics)``; state = {params, opt_state, step} (flat params)."""
+
+  def forward(params, mb):
+    model = merge(graphdef, params, rest)
+    return model(mb["inputs"], mb["segment_ids"], mb["positions"])
+
+  def micro_loss(params, mb, denom):
+    stats = token_stats(forward(params, mb), mb)
+    return stats["ce_sum"] / denom, stats
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state, batch):
+    params = state["params"]
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    mbs = _microbatches(batch, grad_accum)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "tokens", "answers", "answer_hits")}
+
+    def body(carry, mb):
+      g_acc, s_acc = carry
+      (_, stats), g = grad_fn(params, mb, denom)
+      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, stats)), None
+
+    (grads, stats), _ = jax.lax.scan(body, (zeros, zero_stats), mbs)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    loss = stats["ce_sum"] / denom
+    grad_norm = global_norm(grads)
+    param_norm = global_norm(new_params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = {
+        "params": keep(new_params, params),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": state["step"] + ok.astype(state["step"].dtype),
+    }
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+        "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
+        "tokens": stats["tokens"],
+        "answers": stats["answers"],
+        "answer_hits": stats["answer_hits"],
+        "ok": ok.astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef, rest) -> Callable:
+  """``eval(params, batch) -> sums`` (ce_sum, tokens, answers, answer_hits, rows_all_correct)."""
+
+  def evaluate(params, batch):
+    logits = merge(graphdef, params, rest)(batch["inputs"], batch["segment_ids"], batch["positions"])
+    stats = token_stats(logits, batch)
+    wrong = (jnp.argmax(logits, -1) != batch["targets"]) & (batch["answer_mask"] > 0)
+    has_answer = jnp.any(batch["answer_mask"] > 0, axis=1)
+    stats["rows_correct"] = jnp.sum((~jnp.any(wrong, axis=1)) & has_answer).astype(jnp.float32)
+    stats["rows"] = jnp.sum(has_answer).astype(jnp.float32)
+    return stats
+
+  return evaluate
+
+
+def host_metrics(m: Mapping[str, Any]) -> dict[str, float]:
+  out = {k: float(v) for k, v in jax.device_get(dict(m)).items()}
+  if out.get("answers", 0) > 0:
+    out["answer_acc"] = out["answer_hits"] / out["answers"]
+  return out

@@ -1,0 +1,311 @@
+"""Training entry point: configs, optimizer masks, checkpoints, resume, signals, divergence, CLI.
+
+Every run uses configs/micro.py (2 layers, d_model 32, T=64); compiled programs are shared through
+a persistent compilation cache (also across the subprocesses), so each distinct program compiles once.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = os.path.join(ROOT, "configs", "micro.py")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent XLA compilation cache shared by this module's processes."""
+  import jax
+
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",)}
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+def _env():
+  env = dict(os.environ)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def micro(workdir, *overrides):
+  from hydrahead_jax.train import config_lib
+
+  base = ["train.progress=false", "train.eval_tasks=", "train.steps=6", "checkpoint.every=3"]
+  return config_lib.load(MICRO, base + list(overrides), workdir=str(workdir))
+
+
+def _params(workdir, step):
+  """Flat params of a checkpoint as numpy (restored without a target)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return {k: np.asarray(v) for k, v in out["state"]["params"].items()}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+# A training process that can be killed from outside: it prints a line after each finished
+# checkpoint save (and, with PAUSE_AT, then sleeps until it is killed) and after each step.
+DRIVER = textwrap.dedent("""
+    import os, sys, time
+    from hydrahead_jax.train import config_lib
+    from hydrahead_jax.train.loop import train
+    pause_at = int(os.environ.get("PAUSE_AT", "0"))
+    def hook(event, step, trainer):
+      if event == "checkpoint":
+        trainer.checkpointer.wait()
+        print(f"SAVED {step}", flush=True)
+        if step == pause_at:
+          time.sleep(600)
+      else:
+        print(f"STEP {step}", flush=True)
+        if os.environ.get("SLOW"):
+          time.sleep(float(os.environ["SLOW"]))
+    cfg = config_lib.load(sys.argv[1], sys.argv[3:], workdir=sys.argv[2])
+    train(cfg, callbacks=[hook])
+    print("DONE", flush=True)
+""")
+
+
+def _spawn(tmp_path, workdir, overrides, **env):
+  script = tmp_path / "driver.py"
+  script.write_text(DRIVER)
+  base = ["train.progress=false", "train.eval_tasks=", "train.steps=6", "checkpoint.every=3"]
+  return subprocess.Popen([sys.executable, str(script), MICRO, str(workdir), *base, *overrides],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**_env(), **env}, cwd=ROOT)
+
+
+def _wait_for(proc, prefix, timeout=240):
+  lines, t0 = [], time.time()
+  while time.time() - t0 < timeout:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    if line.startswith(prefix):
+      return lines
+  proc.kill()
+  raise AssertionError(f"never saw {prefix!r}; output:\n{''.join(lines)[-4000:]}")
+
+
+# -- config -----------------------------------------------------------------------------------------
+def test_config_overrides_and_errors(tmp_path):
+  from hydrahead_jax.train import config_lib
+
+  cfg = micro(tmp_path, "optim.lr=1e-3", "data.task_weights=mqar:1,grammar:0.5", "model.num_layers=3",
+              "train.eval_tasks=mqar,niah_single", "train.eval_len=None", "model.remat=full")
+  assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+  assert dict(cfg.data.task_weights) == {"mqar": 1.0, "grammar": 0.5}
+  assert cfg.model.num_layers == 3 and cfg.model.layout.fa_groups == ((0,), (0,), (0,))
+  assert cfg.train.eval_tasks == ("mqar", "niah_single") and cfg.train.eval_len is None
+  assert config_lib.from_dict(json.loads(config_lib.to_json(cfg))) == cfg
+  assert micro(tmp_path, "model.layout=[[1],[0, 1]]").model.layout.fa_groups == ((1,), (0, 1))
+  assert micro(tmp_path, "model.layout=all_la").model.layout.total_fa_groups() == 0
+
+  cases = {
+      "optim.lrr=1": ["unknown key 'optim.lrr'", "did you mean 'lr'"],
+      "trian.steps=3": ["unknown key 'trian.steps'"],
+      "train.steps=abc": ["'train.steps'", "expected int"],
+      "train.progress=maybe": ["'train.progress'", "bool"],
+      "model.layout=[[5],[0]]": ["'model.layout'", "out of range"],
+      "model.layout=[[0]]": ["'model.layout'", "num_layers=2"],
+      "model.layout=sometimes": ["'model.layout'", "bad layout"],
+      "model.fusion=softmax": ["'model.fusion'", "unknown variant"],
+      "data.batch_size=5": ["data.batch_size=5", "grad_accum"],
+      "train.steps": ["dotted.key=value"],
+  }
+  for override, needles in cases.items():
+    with pytest.raises(ValueError) as e:
+      micro(tmp_path, override, "train.grad_accum=2" if "batch_size" in override else "train.steps=6")
+    for n in needles:
+      assert n in str(e.value), (override, str(e.value))
+
+  bad_file = tmp_path / "bad.py"
+  bad_file.write_text(textwrap.dedent("""
+      import dataclasses
+      def get_config():
+        from hydrahead_jax.train.config_lib import Config, TrainConfig
+        return Config(train=dataclasses.replace(TrainConfig(), steps="10"))
+  """))
+  with pytest.raises(ValueError, match="'train.steps'"):
+    config_lib.load(str(bad_file))
+
+
+def test_optimizer_freeze_and_decay_masks():
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from hydrahead_jax.model import abstract_model
+  from hydrahead_jax.train import config_lib, optim
+  from hydrahead_jax.train.state import flatten_state, leaf_names
+  from flax import nnx
+
+  cfg = config_lib.load(MICRO)
+  params = flatten_state(nnx.state(abstract_model(cfg.model), nnx.Param))
+  params = {k: jnp.ones(v.shape, jnp.float32) for k, v in params.items()}
+  names = leaf_names(cfg.model, params)
+  ocfg = config_lib.OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=0.0,
+                                freeze=("embed.*", "layers.0.mlp.*"))
+  plan = optim.plan_params(ocfg, names)
+  assert names["segments.0.mlp.w_up"] == ("layers.0.mlp.w_up", "layers.1.mlp.w_up")
+  assert plan.label["embed.embedding"] == optim.FROZEN
+  assert list(plan.layer_mask["segments.0.mlp.w_up"]) == [False, True]
+  for key in ("final_norm.scale", "segments.0.mixer.la.a_log", "segments.0.mixer.la.dt_bias",
+              "segments.0.mixer.la.conv_q", "segments.0.mixer.fusion.fa_scale",
+              "segments.0.mixer.fa.q_norm.scale", "segments.0.mixer.la.z_bias"):
+    assert not plan.decay[key], key
+  for key in ("segments.0.mixer.la.wq", "segments.0.mlp.w_up", "segments.0.mixer.wo", "embed.embedding"):
+    assert plan.decay[key], key
+
+  tx, _ = optim.make_optimizer(ocfg, plan, total_steps=10)
+  state = tx.init(params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["embed.embedding"], 1.0)  # frozen
+  np.testing.assert_array_equal(new["segments.0.mlp.w_up"][0], 1.0)  # frozen layer of a stacked leaf
+  assert float(new["segments.0.mlp.w_up"][1].max()) < 1.0  # trainable layer: decayed
+  np.testing.assert_array_equal(new["final_norm.scale"], 1.0)  # no decay
+  assert float(new["segments.0.mixer.la.wq"].max()) < 1.0
+
+  with pytest.raises(ValueError, match="optim.freeze: pattern 'layers.9.*' matches no parameter"):
+    optim.plan_params(config_lib.OptimConfig(freeze=("layers.9.*",)), names)
+
+
+# -- data position through a checkpoint ------------------------------------------------------------
+def test_data_iterator_resumes_at_next_batch_via_checkpoint(tmp_path):
+  from hydrahead_jax.data.pipeline import make_train_iterator
+  from hydrahead_jax.train.checkpoint import Checkpointer
+
+  cfg = micro(tmp_path)
+  straight = make_train_iterator(cfg.data)
+  expected = [next(straight) for _ in range(5)]
+  it = make_train_iterator(cfg.data)
+  for _ in range(3):
+    next(it)
+  ck = Checkpointer(str(tmp_path), cfg.checkpoint)
+  ck.save(3, {"x": np.zeros(2, np.float32)}, it, {"note": "test"})
+  next(it)  # advancing after the (async) save must not change what was saved
+  ck.close()
+  fresh = make_train_iterator(cfg.data)
+  ck = Checkpointer(str(tmp_path), cfg.checkpoint)
+  import jax
+  ck.restore(3, {"x": jax.ShapeDtypeStruct((2,), np.float32)}, fresh)
+  ck.close()
+  for want in expected[3:]:
+    got = next(fresh)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# -- resume exactness, SIGTERM, incompatible run dir ----------------------------------------------
+def test_resume_after_kill_is_exact(tmp_path, cache_dir):
+  from hydrahead_jax.train.loop import train
+
+  straight = tmp_path / "straight"
+  train(micro(straight), print_fn=lambda *_: None)
+
+  resumed = tmp_path / "resumed"
+  proc = _spawn(tmp_path, resumed, [], PAUSE_AT="3")
+  _wait_for(proc, "SAVED 3")
+  proc.send_signal(signal.SIGKILL)  # not a clean exit
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL
+  assert sorted(int(d) for d in os.listdir(resumed / "checkpoints") if d.isdigit()) == [3]
+
+  summary = train(micro(resumed), print_fn=lambda *_: None)
+  assert summary["step"] == 6
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  assert a == b
+  pa, pb = _params(straight, 6), _params(resumed, 6)
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+  # a different model in the same run directory is refused, and nothing is overwritten
+  from hydrahead_jax.train.checkpoint import IncompatibleRunDir
+
+  before = sorted(os.listdir(resumed / "checkpoints"))
+  with pytest.raises(IncompatibleRunDir, match=r"model.d_model: checkpoint has 32, this run has 64"):
+    train(micro(resumed, "model.d_model=64", "model.head_dim=16"), print_fn=lambda *_: None)
+  assert sorted(os.listdir(resumed / "checkpoints")) == before
+
+
+def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
+  from hydrahead_jax.train.loop import train
+
+  workdir = tmp_path / "run"
+  proc = _spawn(tmp_path, workdir, ["train.steps=40", "checkpoint.every=100"], SLOW="0.3")
+  _wait_for(proc, "STEP 2")
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
+  assert len(saved) == 1 and 2 <= saved[0] < 40 and "DONE" in out
+  summary = train(micro(workdir, "train.steps=40", "checkpoint.every=100", "train.steps=" + str(saved[0] + 1)),
+                  print_fn=lambda *_: None)
+  assert summary["step"] == saved[0] + 1 and summary["status"] == "complete"
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
+  from hydrahead_jax.train.loop import TrainingDiverged, train
+
+  # an absurd learning rate: within a few steps parameters, loss or gradients stop being finite
+  cfg = micro(tmp_path, "optim.lr=1e30", "optim.warmup_steps=3", "checkpoint.every=1")
+  with pytest.raises(TrainingDiverged, match="diverged at step") as e:
+    train(cfg, print_fn=lambda *_: None)
+  bad = e.value.step
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps and max(steps) == bad - 1 == e.value.last_checkpoint
+  for v in _params(str(tmp_path), max(steps)).values():
+    assert np.isfinite(v).all()
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def test_cli_micro_smoke(tmp_path, cache_dir):
+  workdir = tmp_path / "cli"
+  out = subprocess.run([sys.executable, "train.py", "--config", MICRO, "--workdir", str(workdir),
+                        "--set", "train.progress=false"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert out.stdout.count("resolved config:") == 1 and "summary (complete, step 4)" in out.stdout
+  assert json.load(open(workdir / "config.json"))["model"]["d_model"] == 32
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [2, 4]
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  assert any("eval/retrieval_acc" in r for r in rows)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tb"))
+  assert (workdir / "loss.png").stat().st_size > 1000
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
+
+  bad = subprocess.run([sys.executable, "train.py", "--config", MICRO, "--workdir", str(workdir),
+                        "--set", "optim.lrr=1"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr

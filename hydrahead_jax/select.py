@@ -98,12 +98,14 @@ def cmd_analyze(args) -> None:
     sets = _probe_sets(args, tok, args.seed, args.per_task)
     held = _probe_sets(args, tok, args.seed + 1, args.causal_per_task) if args.causal_test else None
   acfg = AnalysisConfig(min_delta=args.min_delta, batch_size=args.batch_size, chunk=args.chunk,
+                        grad_batch=args.grad_batch, tokens_per_forward=args.tokens_per_forward,
+                        exact_only_above=args.exact_only_above,
                         methods=tuple(args.methods), screen_top=args.screen_top, cka_tokens=args.cka_tokens,
                         seed=args.seed, progress=not args.quiet)
   data = analyze(model, sets, acfg, name=args.teacher)
   if held:
     data["causal_test"] = [causal_test(model, ps, data["selection_score"], batch_size=args.batch_size,
-                                       chunk=args.chunk, draws=args.random_draws, seed=args.seed)
+                                       chunk=args.random_draws + 1, draws=args.random_draws, seed=args.seed)
                            for ps in held]
     for ps, ct in zip(held, data["causal_test"]):
       ct["length"] = ps.prompt_len
@@ -205,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--min-delta", type=float, default=0.5)
   a.add_argument("--batch-size", type=int, default=4)
   a.add_argument("--chunk", type=int, default=8, help="patched copies per vmapped forward")
+  a.add_argument("--tokens-per-forward", type=int, default=None,
+                 help="instead of --chunk: patched copies so that one forward holds about this many tokens")
+  a.add_argument("--exact-only-above", type=int, default=None,
+                 help="probe sets longer than this: only exact patching + retrieval score")
+  a.add_argument("--grad-batch", type=int, default=None, help="probes per attribution backward (memory)")
   a.add_argument("--cka-tokens", type=int, default=2048)
   a.add_argument("--causal-test", action=argparse.BooleanOptionalAction, default=True)
   a.add_argument("--causal-per-task", type=int, default=4)

@@ -27,6 +27,9 @@ class AnalysisConfig:
   min_delta: float = 0.5  # probes with m_clean - m_corrupt below this (nats) carry no signal
   batch_size: int = 4
   chunk: int = 8  # patched copies per vmapped forward
+  grad_batch: int | None = None  # probes per attribution backward (default batch_size)
+  tokens_per_forward: int | None = None  # if set, chunk = max(1, this // (batch_size * length)) per probe set
+  exact_only_above: int | None = None  # longer probe sets: only exact patching + retrieval (time / memory)
   methods: tuple[str, ...] = METHODS
   screen_top: int | None = None  # exact patching only on the top-N heads of the attribution screen
   cka_tokens: int = 2048
@@ -54,8 +57,10 @@ def analyze_probes(model, probes: ProbeSet, acfg: AnalysisConfig, patcher=None, 
                    cka_budget: int = 0) -> dict:
   """All requested scores of one probe set."""
   cfg = model.cfg
+  if acfg.exact_only_above is not None and probes.prompt_len > acfg.exact_only_above:
+    acfg = dataclasses.replace(acfg, methods=tuple(m for m in acfg.methods if m in ("exact", "retrieval")))
   patcher = patcher or patching.HeadPatcher(model, batch_size=acfg.batch_size, chunk=acfg.chunk,
-                                            progress=acfg.progress)
+                                            grad_batch=acfg.grad_batch, progress=acfg.progress)
   retr = crosschecks.RetrievalScorer(cfg, model_to_flat(model)) if "retrieval" in acfg.methods else None
   n_batches = -(-probes.num // acfg.batch_size)
   keep = ["heads"] + (["mixer_in"] if retr else []) + (["mixer_out"] if sampler is not None else [])
@@ -86,8 +91,13 @@ def analyze_probes(model, probes: ProbeSet, acfg: AnalysisConfig, patcher=None, 
     heads = None
     if acfg.screen_top is not None:
       heads = [(l, h) for l, h, _ in _top(grids["attribution"], acfg.screen_top)]
+    patcher.batch_seconds = []
     r = patching.exact_scores(patcher, probes, base, min_delta=acfg.min_delta, heads=heads)
     grids["exact"], out["seconds"]["exact"], out["exact_forwards"] = r["grid"], r["seconds"], r["forwards"]
+    bs = patcher.batch_seconds
+    if len(bs) > 1:  # without the first batch (compilation): all heads of all probes at steady state
+      out["seconds"]["exact_steady_estimate"] = float(np.mean(bs[1:]) * len(bs))
+    out["exact_heads"] = len(heads) if heads is not None else cfg.num_layers * cfg.num_heads
     out["exact_per_probe"] = r["per_probe"]
   if "mean_ablation" in acfg.methods:
     r = patching.mean_ablation_scores(patcher, probes, base, min_delta=acfg.min_delta)
@@ -109,10 +119,13 @@ def analyze(model, probe_sets: Sequence[ProbeSet], acfg: AnalysisConfig, *, name
   """Scores over every probe set, combined; CKA matrix; rank agreement; timings."""
   cfg = model.cfg
   t0 = time.perf_counter()
-  patcher = patching.HeadPatcher(model, batch_size=acfg.batch_size, chunk=acfg.chunk, progress=acfg.progress)
+  patcher = patching.HeadPatcher(model, batch_size=acfg.batch_size, chunk=acfg.chunk, grad_batch=acfg.grad_batch,
+                                 progress=acfg.progress)
   sampler = similarity.TokenSampler(acfg.cka_tokens, acfg.seed)
   per = []
   for ps in probe_sets:  # an even share of the CKA token sample per length
+    if acfg.tokens_per_forward:
+      patcher.chunk = max(1, acfg.tokens_per_forward // (acfg.batch_size * ps.length))
     per.append(analyze_probes(model, ps, acfg, patcher, sampler, acfg.cka_tokens // len(probe_sets)))
   weights = [p["kept"] for p in per]
   if sum(weights) == 0:

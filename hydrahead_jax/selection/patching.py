@@ -141,12 +141,15 @@ class HeadPatcher:
   ``on_batch(name, idx, result)`` hooks let callers (e.g. the retrieval cross-check) reuse each batch.
   """
 
-  def __init__(self, model, *, batch_size: int = 4, chunk: int = 8, progress: bool = False):
+  def __init__(self, model, *, batch_size: int = 4, chunk: int = 8, grad_batch: int | None = None,
+               progress: bool = False):
     if batch_size < 1 or chunk < 1:
       raise ValueError(f"patching: batch_size and chunk must be >= 1, got {batch_size}, {chunk}")
     self.cfg = model.cfg
     self.graphdef, self.state = nnx.split(model)
     self.batch_size, self.chunk, self.progress = batch_size, chunk, progress
+    self.grad_batch = batch_size if grad_batch is None else max(1, min(grad_batch, batch_size))
+    self.batch_seconds: list[float] = []  # wall time of each patched batch (the first includes compilation)
 
   # -- runs ----------------------------------------------------------------------------------------
   def run(self, tokens_BxS, targets_BxS, weights_BxS, start: int, keep=("heads",)):
@@ -204,9 +207,11 @@ class HeadPatcher:
         vals = inter["heads"]
       else:
         vals = fixed
+      t0 = time.perf_counter()
       m, ok = _patched(self.graphdef, self.state, clean, tgt, w, vals, masks, start=probes.start,
                        chunk=min(self.chunk, M))
       m_out[:, idx[:n]], ok_out[:, idx[:n]] = np.asarray(m)[:, :n], np.asarray(ok)[:, :n]
+      self.batch_seconds.append(time.perf_counter() - t0)
       if bar:
         bar.update(n)
     if bar:
@@ -222,8 +227,11 @@ class HeadPatcher:
       n = min(len(idx), N - int(idx[0]))
       clean, corrupt, tgt, w = _take(probes, idx)
       _, _, inter = self.run(corrupt, tgt, w, probes.start, ("heads",))
-      g = _attribution(self.graphdef, self.state, clean, tgt, w, inter["heads"], start=probes.start)
-      out[idx[:n]] = np.asarray(g)[:n]
+      gb = self.grad_batch  # backward memory grows with the probes differentiated at once
+      g = np.concatenate([np.asarray(_attribution(self.graphdef, self.state, clean[i:i + gb], tgt[i:i + gb],
+                                                  w[i:i + gb], inter["heads"][:, i:i + gb], start=probes.start))
+                          for i in range(0, len(idx), gb)])
+      out[idx[:n]] = g[:n]
       if bar:
         bar.update(n)
     if bar:

@@ -7,8 +7,8 @@ carry content (digits / letters; separators and bare spaces get weight 0). Every
 ``ProbeSet`` has the same prompt length, so the scored window is the same slice ``[start, S)`` of
 every row (rows are right-padded when answers differ in length).
 
-``needle`` marks the prompt positions of the asked needle value(s) (where clean and corrupt differ,
-widened to whole values); the Wu et al. retrieval score uses it.
+``needle`` marks the prompt positions of the asked needle value(s) (the value's tokens where they overlap
+a position at which clean and corrupt differ); the Wu et al. retrieval score uses it.
 
 This module only needs numpy and the data generators; a saved ``ProbeSet`` (``.npz``) can be
 loaded where the data stack is not installed.
@@ -75,23 +75,34 @@ def content_weights(tokenizer, ids: Sequence[int]) -> np.ndarray:
   return np.asarray([float(any(c.isalnum() for c in tokenizer.decode([int(t)]))) for t in ids], np.float32)
 
 
-def _longest_run(w: np.ndarray) -> int:
-  """Longest run of consecutive weighted tokens (the token count of one value)."""
-  best = cur = 0
-  for x in w:
-    cur = cur + 1 if x > 0 else 0
-    best = max(best, cur)
-  return best
+def _value_runs(ans: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
+  """The answer's values: maximal runs of consecutive scored tokens."""
+  runs, cur = [], []
+  for t, x in zip(ans, w):
+    if x > 0:
+      cur.append(int(t))
+    elif cur:
+      runs.append(np.asarray(cur))
+      cur = []
+  if cur:
+    runs.append(np.asarray(cur))
+  return runs
 
 
-def _needle_positions(clean: np.ndarray, corrupt: np.ndarray, width: int) -> np.ndarray:
-  """Positions that differ, widened by ``width - 1`` both ways (a value's unchanged digits count too)."""
+def _needle_positions(clean: np.ndarray, corrupt: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
+  """Prompt positions holding an asked value: occurrences of a value's tokens that overlap a position where
+  clean and corrupt differ (falls back to the differing positions if a value is tokenized differently)."""
   diff = clean != corrupt
-  out = diff.copy()
-  for j in range(1, max(width, 1)):
-    out[j:] |= diff[:-j]
-    out[:-j] |= diff[j:]
-  return out
+  out = np.zeros(len(clean), bool)
+  for run in runs:
+    n = len(run)
+    if n == 0 or n > len(clean):
+      continue
+    win = np.lib.stride_tricks.sliding_window_view(clean, n)
+    for s in np.nonzero((win == run).all(axis=1))[0]:
+      if diff[s:s + n].any():
+        out[s:s + n] = True
+  return out if out.any() else diff
 
 
 def make_probes(tokenizer, length: int, *, tasks: Sequence[str] = DEFAULT_TASKS, per_task: int = 4,
@@ -131,7 +142,7 @@ def make_probes(tokenizer, length: int, *, tasks: Sequence[str] = DEFAULT_TASKS,
     targets[n, length - 1:length - 1 + A] = ans
     w = content_weights(tokenizer, ans)
     weights[n, length - 1:length - 1 + A] = w
-    needle[n, :length] = _needle_positions(np.asarray(c), np.asarray(x), _longest_run(w) + 1)
+    needle[n, :length] = _needle_positions(np.asarray(c), np.asarray(x), _value_runs(ans, w))
   return ProbeSet(clean, corrupt, targets, weights, needle, np.asarray([r[0] for r in rows]), length, seed)
 
 

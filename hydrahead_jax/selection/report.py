@@ -121,7 +121,7 @@ def text_report(data: dict) -> str:
   lines.append(f"selection score: {data.get('selection_score_name', 'exact')}")
   lines.append("top heads (layer, head, score): " + ", ".join(f"L{l}H{h} {s:.3f}" for l, h, s in top_heads(sel, 10)))
   if data.get("agreement"):
-    lines.append("agreement with exact patching:")
+    lines.append(f"agreement with {data.get('selection_score_name', 'exact')} patching:")
     for name, a in data["agreement"].items():
       lines.append("  " + name + ": " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
                                                    for k, v in a.items()))

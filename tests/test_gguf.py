@@ -187,7 +187,7 @@ OBJ = ["the northern gate", "a quiet garden", "the winter market", "an empty roo
 TAIL = ["before noon.", "after the storm.", "with great care.", "for the third time.", "without a word.", "at dusk."]
 
 
-def needle_prompt(n_sentences=110, depth=30, seed=1, code="48213", name="Falcon"):
+def needle_prompt(n_sentences=96, depth=25, seed=1, code="48213", name="Falcon"):
   r = random.Random(seed)
   hay = [f"{r.choice(SUBJ)} {r.choice(VERB)} {r.choice(OBJ)} {r.choice(TAIL)} " for _ in range(n_sentences)]
   hay.insert(depth, f"The secret code for {name} is {code}. ")
@@ -226,8 +226,14 @@ def smollm2_hf(smollm2):
   from hydrahead_jax.teacher import smollm2_gguf_path
 
   path = smollm2_gguf_path()
+  # The published architecture, written out so transformers parses the GGUF once (for the weights) instead of
+  # twice: its metadata parse costs ~10 s per pass on 2 cores.
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+      num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+      os.path.dirname(path), gguf_file=os.path.basename(path), config=config, dtype=torch.float32).eval()
   return torch, model
 
 
@@ -270,7 +276,7 @@ def test_smollm2_needle_greedy_matches_transformers(smollm2, smollm2_hf):
   cfg, model, tok = smollm2
   torch, ref = smollm2_hf
   ids = tok.encode(needle_prompt())
-  assert 1000 < len(ids) < 1300
+  assert 900 < len(ids) < 1200
   with torch.no_grad():
     out = ref.generate(torch.tensor([ids]), max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_id)
   theirs = out[0, len(ids):].tolist()

@@ -115,6 +115,9 @@ def load_orbax(path: str, mesh=None, *, dtype: str | None = None):
   """
   import orbax.checkpoint as ocp
 
+  from hydrahead_jax.hf import resolve_mesh
+
+  mesh = resolve_mesh(mesh)
   path = os.path.abspath(path)
   file = os.path.join(path, MANIFEST)
   if not os.path.isfile(file):
@@ -159,9 +162,10 @@ def save_hybrid_safetensors(model, path: str, *, dtype: str | None = None, max_s
 
 def load_hybrid_safetensors(path: str, mesh=None, *, dtype: str | None = None):
   """(config, model) from a ``save_hybrid_safetensors`` directory (read lazily, one tensor at a time)."""
-  from hydrahead_jax.hf import SafetensorsCheckpoint
+  from hydrahead_jax.hf import SafetensorsCheckpoint, resolve_mesh
   from hydrahead_jax.params import model_from_flat
 
+  mesh = resolve_mesh(mesh)
   file = os.path.join(path, SAFETENSORS_CONFIG)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"checkpoint: no {SAFETENSORS_CONFIG} in {path}")
@@ -208,7 +212,8 @@ def detect_format(path: str) -> str:
 
 
 def load_pretrained(path: str, mesh=None, **kwargs):
-  """(config, model) from any supported checkpoint; ``mesh`` places every parameter directly on its sharding.
+  """(config, model) from any supported checkpoint; ``mesh`` (default: the mesh active through
+  ``jax.set_mesh``, if any) places every parameter directly on its sharding.
 
   Orbax (``save_pretrained``) and HydraHead safetensors restore the saved model; HF directories and GGUF
   files load the teacher (``layout=`` converts it to a hybrid student, see ``hf.load_pretrained_hf``).

@@ -251,11 +251,23 @@ class _LayerConverter:
     return self.cached[1][rest]
 
 
+def resolve_mesh(mesh=None):
+  """``mesh``, else the concrete mesh made active with ``jax.set_mesh`` (None when there is none)."""
+  if mesh is not None:
+    return mesh
+  import jax
+
+  get = getattr(jax.sharding, "get_mesh", None)
+  active = get() if get is not None else None
+  return None if active is None or active.empty else active
+
+
 def model_from_hf_tensors(cfg: ModelConfig, get_hf: Getter, *, layout: HeadLayout | None = None, mesh=None,
                           source: str = "checkpoint", **student_overrides):
   """Builds (config, model) from HF-named tensors: the teacher, or with ``layout`` a converted student."""
   from hydrahead_jax.params import model_from_flat
 
+  mesh = resolve_mesh(mesh)
   teacher_get = teacher_getter(cfg, get_hf, source)
   if layout is None:
     if student_overrides:
@@ -323,7 +335,8 @@ def load_pretrained_hf(path: str, *, dtype: str = "float32", compute_dtype: str 
     compute_dtype: activation dtype (default ``dtype``).
     layout: None = the teacher (all FA); a ``HeadLayout`` = a converted student (FA groups keep the
       teacher's weights, LA heads start from their q/k/v slices; see ``hydrahead_jax.conversion``).
-    mesh: place every parameter directly with its sharding on this mesh.
+    mesh: place every parameter directly with its sharding on this mesh (default: the mesh made active
+      with ``jax.set_mesh``, if any).
     config_overrides: other ``ModelConfig`` fields (``scan_layers``, ``remat``, ``fusion``, ...).
   """
   if not os.path.isdir(path):

@@ -91,8 +91,11 @@ def test_portable_safetensors_format(tmp_path, hybrid):
       flat.update(load_file(os.path.join(path, f)))
   assert flat["layers.2.mixer.la.wq"].shape == (32, 4, 8) and flat["layers.0.mixer.fa.wq"].shape == (32, 2, 8)
   np.testing.assert_array_equal(flat["layers.1.mixer.wo"], model_to_flat(model)["layers.1.mixer.wo"])
-  cfg, back = load_pretrained(path, _mesh((2, 2)))
+  mesh = _mesh((2, 2))
+  with jax.set_mesh(mesh):  # the active mesh is used when none is passed
+    cfg, back = load_pretrained(path)
   assert cfg == HYBRID
+  assert back.segments[0].mixer.fa.wq[...].sharding.mesh == mesh
   _same(model, back)
   with open(os.path.join(path, SAFETENSORS_CONFIG)) as f:
     meta = json.load(f)

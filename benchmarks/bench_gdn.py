@@ -98,14 +98,14 @@ def part_check(out: str) -> dict:
     up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
     rf, rg = bench.fwd_and_grad(bench.gdn_fn("recurrent"), with_state=True)
     ro, rht = rf(*up, h0, seg)
-    rgrads = rg(*up, h0, seg, do, dht)
+    rgrads = rg(*up, h0, seg, do, dht)[1]
     for vname in CHECK_VARIANTS:
       cfg = _variants()[vname]
       name = f"{jnp.dtype(dtype).name}.{vname}"
       try:
         pf, pg = bench.fwd_and_grad(bench.gdn_fn("pallas", backend="triton", config=cfg), with_state=True)
         o, ht = pf(q, k, v, g, beta, h0, seg)
-        grads = pg(q, k, v, g, beta, h0, seg, do, dht)
+        grads = pg(q, k, v, g, beta, h0, seg, do, dht)[1]
         errs = {"o": bench.rel_rmse(o, ro), "ht": bench.rel_rmse(ht, rht)}
         errs.update({n: bench.rel_rmse(a, b) for n, a, b in zip(names, grads, rgrads)})
         res[name] = {n: round(e, 6) for n, e in errs.items()}
@@ -151,7 +151,8 @@ def _time_cudnn(res: dict, T: int) -> None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
   fwd = jax.jit(attn)
-  grad = jax.jit(jax.grad(lambda q, k, v, do: jnp.sum(attn(q, k, v).astype(jnp.float32) * do), argnums=(0, 1, 2)))
+  grad = jax.jit(jax.value_and_grad(lambda q, k, v, do: jnp.sum(attn(q, k, v).astype(jnp.float32) * do),
+                                    argnums=(0, 1, 2)))
   reps = 10 if T <= 32768 else 3
   try:
     res[f"cudnn_fa.T{T}.fwd_ms"] = round(bench.median_ms(fwd, q, k, v, reps=reps), 3)

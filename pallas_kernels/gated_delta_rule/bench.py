@@ -64,7 +64,11 @@ def gdn_fn(impl: str, **kw) -> Callable:
 
 
 def fwd_and_grad(fn: Callable, with_state: bool = False):
-  """jitted forward (o only) and jitted grad of <o, do> w.r.t. q, k, v, g, beta (and h0 when with_state)."""
+  """jitted forward, and jitted (loss, grads) of loss = <o, do> (+ <final, dht>) w.r.t. q, k, v, g, beta (and h0).
+
+  value_and_grad, not grad: the loss value needs o, so the forward's read-out runs as in training (with grad
+  alone XLA drops the unused forward output and the timing would skip the forward state pass).
+  """
 
   def fwd(q, k, v, g, beta, h0=None, seg=None):
     return fn(q, k, v, g, beta, initial_state=h0, segment_ids=seg, output_final_state=with_state)
@@ -77,4 +81,4 @@ def fwd_and_grad(fn: Callable, with_state: bool = False):
     return val
 
   argnums = tuple(range(6 if with_state else 5))
-  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=argnums))
+  return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=argnums))

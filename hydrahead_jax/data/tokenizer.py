@@ -157,9 +157,14 @@ def encode_many(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def load_tokenizer(path: str | None = None) -> Tokenizer:
-  """``None``: ``ByteTokenizer``; a ``tokenizer.json`` (or a directory holding one): ``HFTokenizer``."""
+  """``None``: ``ByteTokenizer``; a ``.gguf`` file: its embedded tokenizer; a ``tokenizer.json`` (or a
+  directory holding one): ``HFTokenizer``."""
   if path is None:
     return ByteTokenizer()
+  if str(path).endswith(".gguf"):
+    from hydrahead_jax.gguf_io import gguf_tokenizer  # local import: gguf_io imports the model stack
+
+    return gguf_tokenizer(path)
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   return HFTokenizer(path)

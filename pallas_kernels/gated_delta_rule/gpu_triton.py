@@ -2,15 +2,17 @@
 
 Kernels (grid over batch and head; the fla-style split of parallel and sequential work):
   wy_fwd     parallel over chunks: decay, A = StrictTril(beta K K^T Gam), T = (I + A)^-1 (doubling on the
-             matrix units), W = T (beta d K), U = T (beta V), P = scale (Q K^T Gam); writes W, U, P.
+             matrix units), W = T (beta d K), U = T (beta V), P = scale (Q K^T Gam); writes W, U, P and,
+             under grad, T (float32, saved for the backward, which then skips the inverse).
   state_fwd  sequential over chunks, grid also over V tiles: float32 state in registers,
              Vn = U - W S, O = scale (d Q) S + P Vn, S <- gam S + (e K)^T Vn; optionally writes the
              chunk-entry states and Vn (for the backward).
   state_bwd  sequential in reverse: dVn = P^T dO + (e K) dS', dS <- gam dS' + scale (d Q)^T dO - W^T dVn.
   dqk        parallel over chunks: dq (complete), the read-out / hand-off parts of dk and dgc, and dW.
-  wy_bwd     parallel over chunks: recomputes A and T, back-propagates W and U into dk, dv, dbeta, dgc.
-The backward recomputes W, U and the chunk-entry states from the inputs (nothing per token is saved
-between forward and backward). Arrays keep the caller's [B, T, H, *] layout (no transposes); the gate,
+  wy_bwd     parallel over chunks: back-propagates W, U and T into dk, dv, dbeta, dgc.
+  output     (fwd_split only) parallel read-out of O from stored chunk states and Vn.
+The backward recomputes W, U, P and the chunk-entry states (only the inputs and T are saved between forward
+and backward, unless save_states). Arrays keep the caller's [B, T, H, *] layout (no transposes); the gate,
 beta and segment vectors come as [B, H, T] / [B, T].
 
 In Pallas interpret mode (CPU tests) the same kernels run with every chunk in one program

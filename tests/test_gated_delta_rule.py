@@ -202,3 +202,29 @@ def test_bad_arguments_raise(bad, match):
   args.update(bad)
   with pytest.raises(ValueError, match=match):
     gated_delta_rule(**args)
+
+
+def test_default_picks_pallas_on_accelerators(monkeypatch):
+  """GPU/TPU default to the Pallas kernels; an unloadable kernel package falls back with one warning."""
+  import builtins
+  import warnings
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert default_implementation() == "pallas"
+  monkeypatch.delitem(gdr_module._IMPLEMENTATIONS, "pallas", raising=False)
+  monkeypatch.setattr(gdr_module, "_FALLBACK_WARNED", set())
+  real_import = builtins.__import__
+
+  def no_kernels(name, *a, **kw):
+    if name.startswith("pallas_kernels"):
+      raise ImportError("no triton here")
+    return real_import(name, *a, **kw)
+
+  monkeypatch.setattr(builtins, "__import__", no_kernels)
+  with pytest.warns(UserWarning, match="no triton here"):
+    assert default_implementation() == "chunked"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert default_implementation() == "chunked"  # warned only once
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert default_implementation() == "chunked"

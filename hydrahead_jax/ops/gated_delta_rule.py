@@ -8,6 +8,8 @@ returning o [B, T, H, V] in v's dtype and the float32 final state [B, H, K, V] (
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Protocol
 
 import jax
@@ -44,9 +46,30 @@ def available_implementations() -> tuple[str, ...]:
   return tuple(sorted(_IMPLEMENTATIONS))
 
 
+_FALLBACK_WARNED: set[str] = set()
+
+
 def default_implementation() -> str:
-  """Name used when ``implementation=None``."""
-  return "chunked"
+  """Name used when ``implementation=None``: 'pallas' on GPU/TPU, 'chunked' elsewhere.
+
+  Where the Pallas kernels cannot be loaded for the default backend, falls back to 'chunked' with a
+  one-time warning naming the reason.
+  """
+  platform = jax.default_backend()
+  if platform not in ("gpu", "cuda", "rocm", "tpu"):
+    return "chunked"
+  if "pallas" not in _IMPLEMENTATIONS:
+    try:
+      from pallas_kernels.gated_delta_rule import register
+
+      register()
+    except Exception as e:  # noqa: BLE001 - any import failure means: no kernels on this backend
+      if platform not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(platform)
+        warnings.warn(f"gated_delta_rule: Pallas kernels unavailable on {platform} ({type(e).__name__}: {e}); "
+                      "using the pure-JAX 'chunked' implementation", stacklevel=3)
+      return "chunked"
+  return "pallas"
 
 
 def get_gdn_implementation(name: str | None = None) -> GDNImplementation:

@@ -125,6 +125,7 @@ class ModelConfig:
   layout: HeadLayout | None = None
   # scale-normalized fusion
   fusion: str = "scale_norm"
+  fa_implementation: str | None = None  # None = auto: 'cudnn' on GPU with bf16/fp16, else 'xla'
   # Gated DeltaNet heads
   la_conv_size: int = 4
   la_output_gate: bool = True
@@ -156,6 +157,8 @@ class ModelConfig:
       raise ValueError(f"model.fusion: unknown variant {self.fusion!r}; choose one of {FUSION_VARIANTS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.fa_implementation not in (None, "xla", "cudnn"):
+      raise ValueError(f"model.fa_implementation: {self.fa_implementation!r}; choose None (auto), 'xla' or 'cudnn'")
     if self.la_conv_size < 1:
       raise ValueError(f"model.la_conv_size: must be >= 1, got {self.la_conv_size}")
     if self.la_chunk_size < 1:

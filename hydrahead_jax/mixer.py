@@ -35,6 +35,14 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
 
 
+def attention_implementation(requested: str | None, dtype) -> str:
+  """cuDNN flash attention on GPU for half-precision inputs (jax's own default is the O(T^2) XLA path)."""
+  if requested is not None:
+    return requested
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
 def _inv_softplus(x: jax.Array) -> jax.Array:
   return x + jnp.log(-jnp.expm1(-x))
 
@@ -80,7 +88,8 @@ class FullAttention(nnx.Module):
     k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin)
     mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
     o_BxTxHfxK = jax.nn.dot_product_attention(
-        q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask=mask, is_causal=True, scale=K**-0.5
+        q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask=mask, is_causal=True, scale=K**-0.5,
+        implementation=attention_implementation(self.cfg.fa_implementation, q_BxTxHfxK.dtype),
     )
     return constrain(o_BxTxHfxK, HEADS_NAMES)
 

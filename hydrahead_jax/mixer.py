@@ -28,6 +28,8 @@ from hydrahead_jax.ops import gated_delta_rule
 from hydrahead_jax.sharding import constrain
 
 HEADS_NAMES = ("batch", "length", "heads", "head_dim")
+# Fusion in one Pallas kernel (pallas_kernels.fusion_norm): None = on GPU only; True / False force it on / off.
+USE_FUSED_FUSION: bool | None = None
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -170,6 +172,13 @@ class ScaleNormFusion(nnx.Module):
       return (rms_normalize(o_BxTxHxK, self.eps) * self.fa_norm_scale[...]).astype(o_BxTxHxK.dtype)
     return o_BxTxHxK
 
+  def fused(self, o_BxTxHxK, num_fa_heads, gate_BxTxHlxK):
+    """fa() and la() over all heads in one Pallas kernel (same math, float32 inside)."""
+    from pallas_kernels.fusion_norm import fused_head_fusion
+    get = lambda name: getattr(self, name)[...] if hasattr(self, name) else None  # noqa: E731
+    return fused_head_fusion(o_BxTxHxK, num_fa_heads, self.variant, get("fa_scale"), get("fa_norm_scale"),
+                             get("la_norm_scale"), gate_BxTxHlxK, self.eps)
+
   def la(self, o_BxTxHxK, gate_BxTxHxK):
     out = o_BxTxHxK.astype(jnp.float32)
     if self.variant != "none":
@@ -213,9 +222,12 @@ class HydraHeadMixer(nnx.Module):
       m = mask_H.astype(raw_BxTxHxK.dtype)[:, None]
       raw_BxTxHxK = raw_BxTxHxK * (1 - m) + values_BxTxHxK.astype(raw_BxTxHxK.dtype) * m
     Hf = self.num_fa_heads
-    if Hf:
+    use_kernel = jax.default_backend() == "gpu" if USE_FUSED_FUSION is None else USE_FUSED_FUSION
+    if use_kernel:
+      fused_parts.append(self.fusion.fused(raw_BxTxHxK, Hf, gate))
+    if Hf and not use_kernel:
       fused_parts.append(self.fusion.fa(raw_BxTxHxK[:, :, :Hf]))
-    if self.num_la_heads:
+    if self.num_la_heads and not use_kernel:
       fused_parts.append(self.fusion.la(raw_BxTxHxK[:, :, Hf:], gate))
     fused = fused_parts[0] if len(fused_parts) == 1 else jnp.concatenate(fused_parts, axis=2)
     y_BxTxD = jnp.einsum("bthk,hkd->btd", fused.astype(self.cfg.dtype), self.wo[...].astype(self.cfg.dtype))

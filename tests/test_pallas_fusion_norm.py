@@ -1,0 +1,136 @@
+"""Fused head fusion (pallas_kernels/fusion_norm): the Triton kernels in Pallas interpret mode vs the reference.
+
+Forward and every gradient (o, the scales, the gate) for each variant, with and without the LA gate, f32 and bf16,
+all-FA / all-LA layers, bad arguments, and the mixer with the kernel forced equal to its default path.
+Relative RMSE: forward 1e-5 (f32) / 1e-2 (bf16), gradients 1e-4 (f32) / 1e-2 (bf16).
+Shapes are tiny (B=2, T=12 -> 24 rows, padded to 2 programs of 16 rows); one jit per case.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels.fusion_norm import fused_head_fusion, fused_head_fusion_reference
+
+B, T, H, K = 2, 12, 4, 16
+TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2)}
+SCALES = ("fa_scale", "fa_norm_scale", "la_norm_scale")
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.all(np.isfinite(a)), "non-finite values"
+  return float(np.sqrt(np.mean((a - b)**2)) / (np.sqrt(np.mean(b**2)) + 1e-30))
+
+
+def _inputs(rng, variant, fa_heads, gated, dtype):
+  """Random o, scales around 1 (never zero) and a gate, as a dict of the differentiable arguments."""
+  Hf, Hl = fa_heads, H - fa_heads
+  normal = lambda shape, loc=0.0: rng.normal(loc, 1.0, size=shape).astype(np.float32)  # noqa: E731
+  args = {"o": jnp.asarray(normal((B, T, H, K)) * rng.uniform(0.5, 3.0), dtype)}
+  if variant == "scale_norm" and Hf:
+    args["fa_scale"] = jnp.asarray(normal((Hf,), 1.0))
+  if variant == "rmsnorm_all" and Hf:
+    args["fa_norm_scale"] = jnp.asarray(normal((Hf, K), 1.0))
+  if variant != "none" and Hl:
+    args["la_norm_scale"] = jnp.asarray(normal((Hl, K), 1.0))
+  if gated:
+    args["gate"] = jnp.asarray(normal((B, T, Hl, K)), dtype)
+  return args
+
+
+def _fwd_grad(fn, fa_heads, variant, eps):
+  def run(args, dy):
+    def loss(args):
+      y = fn(args["o"], fa_heads, variant, *(args.get(n) for n in SCALES), args.get("gate"), eps)
+      return jnp.sum(y.astype(jnp.float32) * dy), y
+
+    grads, y = jax.grad(loss, has_aux=True)(args)
+    return y, grads
+
+  return jax.jit(run)
+
+
+def _compare(rng, variant, fa_heads, gated, dtype=jnp.float32, eps=1e-6):
+  args = _inputs(rng, variant, fa_heads, gated, dtype)
+  dy = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+  y, grads = _fwd_grad(fused_head_fusion, fa_heads, variant, eps)(args, dy)
+  ry, rgrads = _fwd_grad(fused_head_fusion_reference, fa_heads, variant, eps)(args, dy)
+  assert y.dtype == args["o"].dtype and y.shape == (B, T, H, K)
+  assert set(grads) == set(args)
+  for n, g in grads.items():
+    assert g.dtype == args[n].dtype and g.shape == args[n].shape, n
+  errs = {"y": _rel(y, ry)} | {n: _rel(grads[n], rgrads[n]) for n in grads}
+  print({n: f"{e:.2e}" for n, e in errs.items()})
+  fwd_tol, grad_tol = TOL[dtype]
+  bad = {n: e for n, e in errs.items() if not e <= (fwd_tol if n == "y" else grad_tol)}
+  assert not bad, f"over tolerance: {bad}; all: {errs}"
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("variant", ["scale_norm", "rmsnorm_all", "none"])
+def test_variants_f32(variant, gated, rng):
+  _compare(rng, variant, 1, gated)
+
+
+@pytest.mark.parametrize("variant,gated", [("scale_norm", True), ("rmsnorm_all", False)])
+def test_bf16(variant, gated, rng):
+  """bf16 head outputs and gate (float32 math inside); grads in the input dtypes."""
+  _compare(rng, variant, 2, gated, jnp.bfloat16)
+
+
+def test_all_fa_layer(rng):
+  """fa_heads = H: no LA scale, no gate."""
+  _compare(rng, "rmsnorm_all", H, False)
+
+
+def test_all_la_layer(rng):
+  """fa_heads = 0: only LA heads, gated; a large eps (it enters the norm's gradient)."""
+  _compare(rng, "scale_norm", 0, True, eps=0.5)
+
+
+def test_bad_arguments(rng):
+  args = _inputs(rng, "scale_norm", 1, True, jnp.float32)
+  o, fs, ls, g = args["o"], args["fa_scale"], args["la_norm_scale"], args["gate"]
+  with pytest.raises(ValueError, match="variant"):
+    fused_head_fusion(o, 1, "layernorm", fs, None, ls, g)
+  with pytest.raises(ValueError, match="la_norm_scale"):
+    fused_head_fusion(o, 1, "scale_norm", fs, None, None, g)
+  with pytest.raises(ValueError, match="fa_norm_scale"):
+    fused_head_fusion(o, 1, "scale_norm", fs, ls[:1], ls, g)
+  with pytest.raises(ValueError, match="gate"):
+    fused_head_fusion(o, 1, "scale_norm", fs, None, ls, g[:, :, :1])
+  with pytest.raises(ValueError, match="fa_heads"):
+    fused_head_fusion(o, H + 1, "scale_norm", fs, None, ls, g)
+
+
+def test_mixer_uses_kernel_when_forced(rng, monkeypatch):
+  """HydraHeadMixer with the fused kernel forced (interpret mode) equals its default (XLA) path."""
+  from hydrahead_jax import mixer as mixer_mod
+  from hydrahead_jax.config import HeadLayout, ModelConfig
+  from hydrahead_jax.layers import rope_angles
+
+  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                    dtype="float32", la_chunk_size=8, la_output_gate=True, layout=HeadLayout.per_layer(1, [1]))
+  mixer = mixer_mod.HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  fusion = mixer.fusion
+  fusion.fa_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.fa_scale.shape), jnp.float32)
+  fusion.la_norm_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.la_norm_scale.shape), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(1, 10, cfg.d_model)), jnp.float32)
+  pos = jnp.arange(10, dtype=jnp.int32)[None]
+  cos_sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)
+
+  @nnx.jit
+  def run(m, x):
+    return m(x, cos_sin, None)
+
+  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", False)
+  y_ref, raw_ref = run(mixer, x)
+  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
+  y, raw = run(mixer, x)
+  np.testing.assert_array_equal(np.asarray(raw), np.asarray(raw_ref))
+  assert _rel(y, y_ref) < 1e-5

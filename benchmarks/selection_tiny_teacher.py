@@ -49,7 +49,10 @@ def train_teacher(args):
     rows, masks = [], []
     for i in range(args.batch):
       t = tasks[rng.choice(len(tasks), p=probs)]
-      ex = generate_example(t, args.seed, step * args.batch + i, args.length, tok)
+      try:
+        ex = generate_example(t, args.seed, step * args.batch + i, args.length, tok)
+      except ValueError:  # multi-key needles need more tokens than --length: a single needle instead
+        ex = generate_example("niah_single", args.seed, step * args.batch + i, args.length, tok)
       rows.append(ex["tokens"])
       masks.append(ex["answer_mask"])
     return np.stack(rows), np.stack(masks).astype(np.float32)
@@ -72,7 +75,7 @@ def train_teacher(args):
   for step in range(args.steps):
     tokens, answer = batch(step)
     loss, ans = train_step(model, opt, jnp.asarray(tokens), jnp.asarray(answer))
-    if step % 100 == 0 or step == args.steps - 1:
+    if step % 50 == 0 or step == args.steps - 1:
       log.append({"step": step, "loss": float(loss), "answer_nll": float(ans), "s": time.perf_counter() - t0})
       print(json.dumps(log[-1]), flush=True)
   return cfg, model, tok, {"train_seconds": time.perf_counter() - t0, "log": log}
@@ -91,7 +94,8 @@ def main():
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--answer-weight", type=float, default=4.0)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--probe-lengths", default="320,512")
+  ap.add_argument("--probe-lengths", default="256,384")
+  ap.add_argument("--probe-tasks", default="niah_single,mqar")
   ap.add_argument("--budget", default="3:1")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -110,7 +114,8 @@ def main():
 
   sel = os.path.join(args.out, "sel")
   t0 = time.perf_counter()
-  select.main(["analyze", "--teacher", tdir, "--lengths", args.probe_lengths, "--per-task", "4", "--budget",
+  select.main(["analyze", "--teacher", tdir, "--lengths", args.probe_lengths, "--tasks", args.probe_tasks,
+               "--per-task", "8", "--budget",
                args.budget, "--batch-size", "4", "--chunk", "8", "--causal-per-task", "4", "--random-draws", "5",
                "--out", sel, "--quiet"])
   analysis_s = time.perf_counter() - t0

@@ -164,7 +164,8 @@ def cmd_convert(args) -> None:
       held = calibration_batches(tok, num=args.heldout_num, length=args.calib_length, batch_size=args.calib_batch,
                                  seed=args.seed + 1)
   t0 = time.perf_counter()
-  student, rep = convert_teacher(model, layout, calib, heldout=held, iterations=args.calib_iters,
+  student, rep = convert_teacher(model, layout, calib, heldout=held, inputs=args.calib_inputs,
+                                 iterations=args.calib_iters,
                                  progress=not args.quiet, **kw)
   rep["seconds"] = time.perf_counter() - t0
   rep["teacher"] = args.teacher
@@ -174,9 +175,12 @@ def cmd_convert(args) -> None:
     tok.save(tok_path)
   path = save_model(student, args.out, extra={"conversion": _plain(rep), "tokenizer": args.tokenizer or tok_path})
   print(f"student: {rep['describe']}")
-  if "heldout" in rep:
-    print(f"held-out LA head RMS vs teacher: max deviation {rep['heldout']['max_head_rms_dev']:.3%}, "
-          f"median channel deviation {rep['heldout']['median_channel_rms_dev']:.3%}")
+  for key in ("heldout", "heldout_free_running"):
+    if key in rep:
+      h = rep[key]
+      print(f"held-out LA head output RMS vs teacher ({h['inputs']} layer inputs): max deviation "
+            f"{h['max_head_rms_dev']:.2%}, median {h['median_head_rms_dev']:.2%}, median per channel "
+            f"{h['median_channel_rms_dev']:.2%}")
   print(f"wrote {path} ({rep['seconds']:.1f}s)")
 
 
@@ -241,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--calib-num", type=int, default=16, help="calibration sequences (0: no calibration)")
   c.add_argument("--calib-length", type=int, default=512)
   c.add_argument("--calib-batch", type=int, default=4)
-  c.add_argument("--calib-iters", type=int, default=3)
+  c.add_argument("--calib-inputs", default="teacher", choices=["teacher", "student"],
+                 help="student layers read the teacher's layer inputs (one pass) or their own (iterated)")
+  c.add_argument("--calib-iters", type=int, default=3, help="passes with --calib-inputs student")
   c.add_argument("--heldout-num", type=int, default=8, help="held-out sequences for the RMS check")
   c.add_argument("--seed", type=int, default=0)
   c.add_argument("--out", required=True)

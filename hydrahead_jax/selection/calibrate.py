@@ -9,9 +9,14 @@ output (FA heads enter W_o unscaled). Calibration sets, per LA head and channel 
 
 with expectations over all tokens of the calibration batches, so that the channel RMS of the fused output
 equals the teacher's. Teacher heads are matched through ``conversion.head_order`` (the student stores its
-FA groups first). Each LA head's input depends on the calibrated layers below it, so the measurement is
-repeated (``iterations``, each one full student pass). With fusion ``rmsnorm_all`` the FA heads'
-``fa_norm_scale`` is calibrated the same way (no gate); with ``none`` there is nothing to calibrate.
+FA groups first). With fusion ``rmsnorm_all`` the FA heads' ``fa_norm_scale`` is calibrated the same way (no
+gate); with ``none`` there is nothing to calibrate.
+
+Inputs of the student's heads (``inputs``):
+- ``"teacher"`` (default): every student layer reads the teacher's layer input (``mixer_in``), as in the
+  attention-alignment stage of the transfer; one pass calibrates every layer, independent of the others.
+- ``"student"``: the student's own forward. Each LA head's input then depends on the layers below, which are
+  themselves being calibrated, so the measurement is repeated (``iterations`` full passes).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import numpy as np
 from flax import nnx
 
 from hydrahead_jax.conversion import head_order
-from hydrahead_jax.layers import rms_normalize
-from hydrahead_jax.params import load_flat_into, model_to_flat
+from hydrahead_jax.layers import rms_normalize, rope_angles
+from hydrahead_jax.params import load_flat_into, model_from_flat, model_to_flat
+
+INPUTS = ("teacher", "student")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -38,27 +45,44 @@ def _teacher_ms(graphdef, state, tokens_BxT):
   return jnp.sum(h * h, axis=(1, 2))
 
 
+def _gated_norm_ms(raw_BxTxHxK, x_BxTxD, gate, eps):
+  """Sum over tokens of (RMSNorm(o) * gate)^2: [H, K]; ``gate`` = (w_z, z_bias) or None."""
+  u = rms_normalize(raw_BxTxHxK, eps)
+  if gate is not None:
+    w_z, z_bias = gate
+    u = u * jax.nn.silu(jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(jnp.float32), w_z.astype(jnp.float32)) + z_bias)
+  return jnp.sum(u * u, axis=(0, 1))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "meta", "eps"))
 def _student_ms(graphdef, state, tokens_BxT, gates, *, meta, eps):
-  """Per layer: sum over tokens of (RMSNorm(o) * gate)^2 for the heads being calibrated: [Hc, K] each.
+  """Student's own forward; per layer the sum over tokens of (RMSNorm(o) * gate)^2 of the calibrated heads.
 
   ``meta[l] = (first, count, gated)``: the calibrated heads are ``[first, first + count)`` of the layer's raw
   outputs; ``gates[l] = (w_z, z_bias)`` when ``gated``.
   """
   model = nnx.merge(graphdef, state)
   _, inter = model(tokens_BxT, return_intermediates=("heads", "mixer_in"))
-  out = []
-  for l, (first, count, gated) in enumerate(meta):
-    if not count:
-      out.append(None)
-      continue
-    u = rms_normalize(inter["heads"][l][:, :, first:first + count], eps)
-    if gated:
-      w_z, z_bias = gates[l]
-      x = inter["mixer_in"][l].astype(jnp.float32)
-      u = u * jax.nn.silu(jnp.einsum("btd,dhk->bthk", x, w_z.astype(jnp.float32)) + z_bias)
-    out.append(jnp.sum(u * u, axis=(0, 1)))
-  return out
+  return [None if not count else
+          _gated_norm_ms(inter["heads"][l][:, :, first:first + count], inter["mixer_in"][l],
+                         gates[l] if gated else None, eps)
+          for l, (first, count, gated) in enumerate(meta)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _teacher_run(graphdef, state, tokens_BxT):
+  """Teacher's layer inputs [L, B, T, D] and sum over tokens of squared raw head outputs [L, H, K]."""
+  model = nnx.merge(graphdef, state)
+  _, inter = model(tokens_BxT, return_intermediates=("heads", "mixer_in"))
+  h = inter["heads"].astype(jnp.float32)
+  return inter["mixer_in"], jnp.sum(h * h, axis=(1, 2))
+
+
+@functools.partial(nnx.jit, static_argnames=("first", "count", "eps"))
+def _mixer_ms(mixer, x_BxTxD, cos, sin, gate, *, first, count, eps):
+  """One student layer's mixer on a given input: sum over tokens of (RMSNorm(o) * gate)^2 [count, K]."""
+  _, raw = mixer(x_BxTxD, (cos, sin), None)
+  return _gated_norm_ms(raw[:, :, first:first + count], x_BxTxD, gate, eps)
 
 
 def _count(batches: Sequence[np.ndarray]) -> int:
@@ -88,51 +112,95 @@ def _plan(student):
   return plan
 
 
-def student_fused_ms(student, batches: Sequence[np.ndarray], plan=None) -> list[np.ndarray]:
-  """Mean square per channel of ``RMSNorm(o) * gate`` (scale excluded) for every planned entry."""
+def _gates(flat, plan, num_layers):
+  gates = [None] * num_layers
+  for l, _, _, gated, _, _ in plan:
+    if gated:
+      gates[l] = (jnp.asarray(flat[f"layers.{l}.mixer.la.w_z"]), jnp.asarray(flat[f"layers.{l}.mixer.la.z_bias"]))
+  return gates
+
+
+def _ms_student_inputs(student, batches, plan):
   cfg = student.cfg
-  plan = _plan(student) if plan is None else plan
-  flat = model_to_flat(student)
+  gates = _gates(model_to_flat(student), plan, cfg.num_layers)
   graphdef, state = nnx.split(student)
-  results = []
+  results = {}
   for kind in ("fa_norm_scale", "la_norm_scale"):  # one jitted pass per kind of entry present
     entries = [p for p in plan if p[4] == kind]
     if not entries:
       continue
     meta = [(0, 0, False)] * cfg.num_layers
-    gates = [None] * cfg.num_layers
     for l, first, count, gated, _, _ in entries:
       meta[l] = (first, count, bool(gated))
-      if gated:
-        gates[l] = (jnp.asarray(flat[f"layers.{l}.mixer.la.w_z"]), jnp.asarray(flat[f"layers.{l}.mixer.la.z_bias"]))
     acc = None
     for b in batches:
       out = _student_ms(graphdef, state, jnp.asarray(b), gates, meta=tuple(meta), eps=float(cfg.rms_eps))
       out = [None if o is None else np.asarray(o, np.float64) for o in out]
       acc = out if acc is None else [None if a is None else a + o for a, o in zip(acc, out)]
-    n = _count(batches)
-    results += [(e, acc[e[0]] / n) for e in entries]
-  order = {id(p): i for i, p in enumerate(plan)}
-  return [ms for _, ms in sorted(results, key=lambda r: order[id(r[0])])]
+    results.update({id(e): acc[e[0]] for e in entries})
+  return [results[id(p)] for p in plan], None
 
 
-def calibrate_fusion(student, teacher, batches: Sequence[np.ndarray], *, iterations: int = 3,
-                     teacher_rms: np.ndarray | None = None, progress: bool = False) -> dict:
-  """Sets the student's fusion scales in place; returns a report (RMS ratios student/teacher per pass)."""
+def _ms_teacher_inputs(student, teacher, batches, plan):
+  cfg = student.cfg
+  per_layer = model_from_flat(cfg.replace(scan_layers=False), model_to_flat(student))  # one Block per layer
+  gates = _gates(model_to_flat(student), plan, cfg.num_layers)
+  graphdef, state = nnx.split(teacher)
+  acc = [np.zeros((p[2], cfg.head_dim)) for p in plan]
+  t_acc = None
+  for b in batches:
+    x_all, t_ms = _teacher_run(graphdef, state, jnp.asarray(b))
+    t_acc = np.asarray(t_ms, np.float64) + (0 if t_acc is None else t_acc)
+    B, T = b.shape
+    cos, sin = rope_angles(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), cfg.head_dim, cfg.rope_theta)
+    for i, (l, first, count, _, _, _) in enumerate(plan):
+      ms = _mixer_ms(per_layer.segments[l].mixer, x_all[l], cos, sin, gates[l], first=first, count=count,
+                     eps=float(cfg.rms_eps))
+      acc[i] += np.asarray(ms, np.float64)
+  return acc, t_acc
+
+
+def student_fused_ms(student, batches: Sequence[np.ndarray], plan=None, *, inputs: str = "teacher",
+                     teacher=None) -> tuple[list[np.ndarray], np.ndarray | None]:
+  """Mean square per channel of ``RMSNorm(o) * gate`` (scale excluded) for every planned entry, and (teacher
+  inputs only) the teacher's per-channel mean square of raw head outputs [L, H, K] on the same tokens."""
+  if inputs not in INPUTS:
+    raise ValueError(f"calibrate.inputs: {inputs!r}; choose one of {INPUTS}")
+  plan = _plan(student) if plan is None else plan
+  n = _count(batches)
+  if inputs == "student":
+    acc, t_acc = _ms_student_inputs(student, batches, plan)
+  else:
+    if teacher is None:
+      raise ValueError("calibrate: inputs='teacher' needs the teacher model")
+    acc, t_acc = _ms_teacher_inputs(student, teacher, batches, plan)
+  return [a / n for a in acc], (None if t_acc is None else t_acc / n)
+
+
+def calibrate_fusion(student, teacher, batches: Sequence[np.ndarray], *, inputs: str = "teacher",
+                     iterations: int = 3, progress: bool = False) -> dict:
+  """Sets the student's fusion scales in place; returns a report.
+
+  ``inputs='teacher'``: one pass (teacher layer inputs). ``inputs='student'``: ``iterations`` passes of the
+  student's own forward; the report lists the largest |log(student RMS / teacher RMS)| before each pass.
+  """
   if iterations < 1:
     raise ValueError(f"calibrate.iterations: must be >= 1, got {iterations}")
   batches = [np.asarray(b) for b in batches]
-  t_rms = teacher_head_rms(teacher, batches) if teacher_rms is None else teacher_rms
   plan = _plan(student)
+  t_rms = teacher_head_rms(teacher, batches) if inputs == "student" else None
+  passes = iterations if inputs == "student" else 1
   history = []
-  it = range(iterations)
+  it = range(passes)
   if progress:
     from tqdm.auto import tqdm
 
     it = tqdm(it, desc="calibrating fusion scales", leave=False)
   for _ in it:
-    ms = student_fused_ms(student, batches, plan)
-    flat = model_to_flat(student)
+    ms, t_ms = student_fused_ms(student, batches, plan, inputs=inputs, teacher=teacher)
+    if t_ms is not None:
+      t_rms = np.sqrt(t_ms)
+    flat = dict(model_to_flat(student))
     ratios = []
     for (l, _, _, _, name, t_heads), u_ms in zip(plan, ms):
       key = f"layers.{l}.mixer.fusion.{name}"
@@ -142,25 +210,26 @@ def calibrate_fusion(student, teacher, batches: Sequence[np.ndarray], *, iterati
       flat[key] = (target / np.sqrt(np.maximum(u_ms, 1e-30))).astype(flat[key].dtype)
     load_flat_into(student, flat)
     history.append(float(np.max(np.abs(np.log(np.concatenate(ratios))))) if ratios else 0.0)
-  return {"iterations": iterations, "max_abs_log_rms_ratio_before_each_pass": history,
+  return {"inputs": inputs, "passes": passes, "max_abs_log_rms_ratio_before_each_pass": history,
           "num_calibrated_heads": int(sum(p[2] for p in plan)), "tokens": _count(batches)}
 
 
-def rms_match(student, teacher, batches: Sequence[np.ndarray]) -> dict:
+def rms_match(student, teacher, batches: Sequence[np.ndarray], *, inputs: str = "teacher") -> dict:
   """Held-out check: student fused-output RMS / teacher raw RMS per calibrated head, overall and per channel."""
   batches = [np.asarray(b) for b in batches]
-  t_rms = teacher_head_rms(teacher, batches)
   plan = _plan(student)
-  ms = student_fused_ms(student, batches, plan)
+  ms, t_ms = student_fused_ms(student, batches, plan, inputs=inputs, teacher=teacher)
+  t_rms = np.sqrt(t_ms) if t_ms is not None else teacher_head_rms(teacher, batches)
   flat = model_to_flat(student)
   head_ratio, chan_ratio = [], []
   for (l, _, _, _, name, t_heads), u_ms in zip(plan, ms):
     s_ms = flat[f"layers.{l}.mixer.fusion.{name}"].astype(np.float64) ** 2 * u_ms  # [Hc, K]
-    t_ms = t_rms[l, t_heads] ** 2
-    head_ratio.append(np.sqrt(s_ms.mean(-1) / t_ms.mean(-1)))
-    chan_ratio.append(np.sqrt(s_ms / np.maximum(t_ms, 1e-30)).ravel())
+    t2 = t_rms[l, t_heads] ** 2
+    head_ratio.append(np.sqrt(s_ms.mean(-1) / t2.mean(-1)))
+    chan_ratio.append(np.sqrt(s_ms / np.maximum(t2, 1e-30)).ravel())
   head_ratio = np.concatenate(head_ratio) if head_ratio else np.zeros(0)
   chan_ratio = np.concatenate(chan_ratio) if chan_ratio else np.zeros(0)
-  return {"head_ratio": head_ratio, "channel_ratio": chan_ratio,
+  return {"inputs": inputs, "head_ratio": head_ratio, "channel_ratio": chan_ratio,
           "max_head_dev": float(np.max(np.abs(head_ratio - 1))) if head_ratio.size else 0.0,
+          "median_head_dev": float(np.median(np.abs(head_ratio - 1))) if head_ratio.size else 0.0,
           "median_channel_dev": float(np.median(np.abs(chan_ratio - 1))) if chan_ratio.size else 0.0}

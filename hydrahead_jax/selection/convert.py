@@ -33,17 +33,20 @@ def calibration_batches(tokenizer, *, num: int, length: int, batch_size: int, se
 
 
 def convert_teacher(teacher, layout: HeadLayout, calib: Sequence[np.ndarray] | None = None, *,
-                    heldout: Sequence[np.ndarray] | None = None, iterations: int = 3, progress: bool = False,
-                    **overrides):
+                    heldout: Sequence[np.ndarray] | None = None, inputs: str = "teacher", iterations: int = 3,
+                    progress: bool = False, **overrides):
   """(student, report). FA groups reuse the teacher exactly; LA heads start from their slices; with ``calib``
   batches, fusion scales are calibrated (and checked on ``heldout`` when given)."""
   scfg = student_config(teacher.cfg, layout, **overrides)
   student = model_from_flat(scfg, convert_flat(model_to_flat(teacher), scfg))
   report: dict = {"layout": [list(x) for x in layout.fa_groups], "describe": layout.describe(scfg.num_kv_heads)}
   if calib is not None and scfg.fusion != "none" and any(scfg.num_la_heads(l) for l in range(scfg.num_layers)):
-    report["calibration"] = calibrate_fusion(student, teacher, calib, iterations=iterations, progress=progress)
-    if heldout is not None:
-      r = rms_match(student, teacher, heldout)
-      report["heldout"] = {"max_head_rms_dev": r["max_head_dev"], "median_channel_rms_dev": r["median_channel_dev"],
-                           "head_rms_ratio": r["head_ratio"].tolist()}
+    report["calibration"] = calibrate_fusion(student, teacher, calib, inputs=inputs, iterations=iterations,
+                                             progress=progress)
+    if heldout is not None:  # the criterion with the calibration's inputs, and the student's own forward
+      for mode in dict.fromkeys([inputs, "student"]):
+        r = rms_match(student, teacher, heldout, inputs=mode)
+        report["heldout" if mode == inputs else "heldout_free_running"] = {
+            "inputs": mode, "max_head_rms_dev": r["max_head_dev"], "median_head_rms_dev": r["median_head_dev"],
+            "median_channel_rms_dev": r["median_channel_dev"], "head_rms_ratio": r["head_ratio"].tolist()}
   return student, report

@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     print(config_lib.to_json(cfg))
     return 0
 
+  if cfg.train.xla_flags:  # before the first JAX computation creates a backend
+    import os  # noqa: PLC0415
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cfg.train.xla_flags).strip()
+
   from hydrahead_jax.train.checkpoint import IncompatibleRunDir  # noqa: PLC0415
   from hydrahead_jax.train.loop import TrainingDiverged, train  # noqa: PLC0415
 

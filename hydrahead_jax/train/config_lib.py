@@ -63,6 +63,7 @@ class TrainConfig:
 
   steps: int = 1000  # optimizer steps
   grad_accum: int = 1  # microbatches per step (data.batch_size is the global batch per step)
+  answer_loss_weight: float = 1.0  # answer tokens (retrieval targets) count this many times in the loss
   seed: int = 0  # parameter init
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate only at the end
@@ -75,11 +76,14 @@ class TrainConfig:
   fsdp: int = 1
   progress: bool = True  # tqdm progress bar
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+  xla_flags: str = ""  # appended to XLA_FLAGS by train.py before JAX starts (ignored once it has)
 
   def __post_init__(self):
     for name in ("steps", "grad_accum", "log_every", "eval_examples", "eval_batch_size", "fsdp"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+    if self.answer_loss_weight < 0:
+      raise ValueError(f"train.answer_loss_weight: must be >= 0, got {self.answer_loss_weight}")
     if self.eval_every < 0:
       raise ValueError(f"train.eval_every: must be >= 0, got {self.eval_every}")
     if self.data_parallel == 0 or self.data_parallel < -1:
@@ -476,7 +480,8 @@ RESUME_SAFE = (
     "optim.weight_decay", "optim.clip_norm", "optim.no_decay",
     "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.eval_tasks",
     "train.eval_examples", "train.eval_len", "train.eval_seed", "train.eval_batch_size",
-    "train.progress", "train.distributed", "train.seed", "train.data_parallel", "train.fsdp",
+    "train.progress", "train.distributed", "train.xla_flags", "train.answer_loss_weight", "train.seed",
+    "train.data_parallel", "train.fsdp",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
 )
 

@@ -19,12 +19,21 @@ from hydrahead_jax.train.state import global_norm, merge
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
 
 
-def token_stats(logits_BxTxV, batch) -> dict[str, jax.Array]:
-  """Sums over a batch: masked CE, masked tokens, answer tokens and correct answer tokens."""
+def loss_weights(batch, answer_weight: float) -> jax.Array:
+  """Per-token loss weights: ``loss_mask``, with answer tokens counted ``answer_weight`` times."""
+  if answer_weight == 1.0:
+    return batch["loss_mask"]
+  return batch["loss_mask"] * (1.0 + (answer_weight - 1.0) * batch["answer_mask"])
+
+
+def token_stats(logits_BxTxV, batch, answer_weight: float = 1.0) -> dict[str, jax.Array]:
+  """Sums over a batch: masked CE (plain and answer-weighted), masked tokens, answer tokens and
+  correct answer tokens."""
   ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
   mask, answer = batch["loss_mask"], batch["answer_mask"]
   hit_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
   return {
+      "weighted_ce_sum": jnp.sum(ce_BxT * loss_weights(batch, answer_weight)),
       "ce_sum": jnp.sum(ce_BxT * mask),
       "tokens": jnp.sum(mask),
       "answers": jnp.sum(answer),
@@ -43,25 +52,30 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum: int) -> Callable:
-  """``step(state, batch) -> (state, metrics)``; state = {params, opt_state, step} (flat params)."""
+                    grad_accum: int, answer_weight: float = 1.0) -> Callable:
+  """``step(state, batch) -> (state, metrics)``; state = {params, opt_state, step} (flat params).
+
+  The gradient is that of the answer-weighted mean CE (``answer_weight`` > 1 stresses retrieval
+  targets); the reported ``loss`` is always the plain mean CE over ``loss_mask``.
+  """
 
   def forward(params, mb):
     model = merge(graphdef, params, rest)
     return model(mb["inputs"], mb["segment_ids"], mb["positions"])
 
   def micro_loss(params, mb, denom):
-    stats = token_stats(forward(params, mb), mb)
-    return stats["ce_sum"] / denom, stats
+    stats = token_stats(forward(params, mb), mb, answer_weight)
+    return stats["weighted_ce_sum"] / denom, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state, batch):
     params = state["params"]
-    denom = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    denom = jnp.maximum(jnp.sum(loss_weights(batch, answer_weight)), 1.0)
     mbs = _microbatches(batch, grad_accum)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_stats = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "tokens", "answers", "answer_hits")}
+    zero_stats = {k: jnp.zeros((), jnp.float32)
+                  for k in ("weighted_ce_sum", "ce_sum", "tokens", "answers", "answer_hits")}
 
     def body(carry, mb):
       g_acc, s_acc = carry
@@ -71,7 +85,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     (grads, stats), _ = jax.lax.scan(body, (zeros, zero_stats), mbs)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    loss = stats["ce_sum"] / denom
+    loss = stats["ce_sum"] / jnp.maximum(stats["tokens"], 1.0)
     grad_norm = global_norm(grads)
     param_norm = global_norm(new_params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)

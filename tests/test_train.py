@@ -30,6 +30,11 @@ def cache_dir(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  try:  # the cache is set up at the first compile; earlier tests may have done that already
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+  except (ImportError, AttributeError):
+    pass
   yield path
   jax.config.update("jax_compilation_cache_dir", None)
   for k, v in old.items():
@@ -141,7 +146,7 @@ def test_config_overrides_and_errors(tmp_path):
   }
   for override, needles in cases.items():
     with pytest.raises(ValueError) as e:
-      micro(tmp_path, override, "train.grad_accum=2" if "batch_size" in override else "train.steps=6")
+      micro(tmp_path, override, *(["train.grad_accum=2"] if "batch_size" in override else []))
     for n in needles:
       assert n in str(e.value), (override, str(e.value))
 
@@ -184,9 +189,9 @@ def test_optimizer_freeze_and_decay_masks():
     assert plan.decay[key], key
 
   tx, _ = optim.make_optimizer(ocfg, plan, total_steps=10)
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zero_grads, state, params)
+  updates, _ = jax.jit(tx.update)(zero_grads, state, params)
   new = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(new["embed.embedding"], 1.0)  # frozen
   np.testing.assert_array_equal(new["segments.0.mlp.w_up"][0], 1.0)  # frozen layer of a stacked leaf
@@ -261,51 +266,67 @@ def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
   from hydrahead_jax.train.loop import train
 
   workdir = tmp_path / "run"
-  proc = _spawn(tmp_path, workdir, ["train.steps=40", "checkpoint.every=100"], SLOW="0.3")
+  proc = _spawn(tmp_path, workdir, ["checkpoint.every=100"], SLOW="1.0")
   _wait_for(proc, "STEP 2")
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=120)[0]
   assert proc.returncode == 0, out
   saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVED")]
-  assert len(saved) == 1 and 2 <= saved[0] < 40 and "DONE" in out
-  summary = train(micro(workdir, "train.steps=40", "checkpoint.every=100", "train.steps=" + str(saved[0] + 1)),
-                  print_fn=lambda *_: None)
-  assert summary["step"] == saved[0] + 1 and summary["status"] == "complete"
+  assert len(saved) == 1 and 2 <= saved[0] < 6 and "DONE" in out, out
+  summary = train(micro(workdir, "checkpoint.every=100"), print_fn=lambda *_: None)
+  assert summary["step"] == 6 and summary["status"] == "complete"
+  assert sorted(_losses(workdir)) == list(range(1, 7))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
+  import jax.numpy as jnp
+
   from hydrahead_jax.train.loop import TrainingDiverged, train
 
-  # an absurd learning rate: within a few steps parameters, loss or gradients stop being finite
-  cfg = micro(tmp_path, "optim.lr=1e30", "optim.warmup_steps=3", "checkpoint.every=1")
-  with pytest.raises(TrainingDiverged, match="diverged at step") as e:
-    train(cfg, print_fn=lambda *_: None)
-  bad = e.value.step
+  def poison(event, step, trainer):  # after step 2 (and its checkpoint) a weight becomes NaN
+    if event == "step" and step == 2:
+      params = dict(trainer.state["params"])
+      params["final_norm.scale"] = params["final_norm.scale"] * jnp.nan
+      trainer.state = {**trainer.state, "params": params}
+
+  with pytest.raises(TrainingDiverged, match="diverged at step 3") as e:
+    train(micro(tmp_path, "checkpoint.every=1"), callbacks=[poison], print_fn=lambda *_: None)
+  assert e.value.step == 3 and e.value.last_checkpoint == 2
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert steps and max(steps) == bad - 1 == e.value.last_checkpoint
-  for v in _params(str(tmp_path), max(steps)).values():
+  assert steps == [1, 2]
+  for v in _params(str(tmp_path), 2).values():
     assert np.isfinite(v).all()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert rows[-1]["step"] == 3 and rows[-1]["ok"] == 0
 
 
 # -- CLI --------------------------------------------------------------------------------------------
 def test_cli_micro_smoke(tmp_path, cache_dir):
   workdir = tmp_path / "cli"
+  # steps=6: the same compiled train step as the other tests (the schedule length is part of it)
   out = subprocess.run([sys.executable, "train.py", "--config", MICRO, "--workdir", str(workdir),
-                        "--set", "train.progress=false"], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+                        "--set", "train.progress=false", "--set", "train.steps=6"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert out.stdout.count("resolved config:") == 1 and "summary (complete, step 4)" in out.stdout
+  assert out.stdout.count("resolved config:") == 1 and "summary (complete, step 6)" in out.stdout
   assert json.load(open(workdir / "config.json"))["model"]["d_model"] == 32
-  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [2, 4]
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [4, 6]
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert any("eval/retrieval_acc" in r for r in rows)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tb"))
   assert (workdir / "loss.png").stat().st_size > 1000
   summary = json.load(open(workdir / "summary.json"))
-  assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
+  assert summary["step"] == 6 and np.isfinite(summary["final_loss"])
 
-  bad = subprocess.run([sys.executable, "train.py", "--config", MICRO, "--workdir", str(workdir),
-                        "--set", "optim.lrr=1"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=120)
-  assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr
+
+def test_cli_config_error_exit_code(capsys):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  assert cli.main(["--config", MICRO, "--set", "optim.lrr=1"]) == 2
+  assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+  assert cli.main(["--config", MICRO, "--print-config", "--set", "train.steps=7"]) == 0
+  assert json.loads(capsys.readouterr().out)["train"]["steps"] == 7

@@ -49,6 +49,7 @@ class OptimConfig:
   freeze: tuple[str, ...] = ()  # ... and none of these
 
   def __post_init__(self):
+    _typecheck(self, 'optim')
     if self.lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_norm < 0:
       raise ValueError("optim: lr, warmup_steps, weight_decay and clip_norm must be >= 0")
     if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -79,6 +80,7 @@ class TrainConfig:
   xla_flags: str = ""  # appended to XLA_FLAGS by train.py before JAX starts (ignored once it has)
 
   def __post_init__(self):
+    _typecheck(self, 'train')
     for name in ("steps", "grad_accum", "log_every", "eval_examples", "eval_batch_size", "fsdp"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -98,6 +100,7 @@ class CheckpointConfig:
   resume: bool = True  # resume from the latest checkpoint in the run directory
 
   def __post_init__(self):
+    _typecheck(self, 'checkpoint')
     if self.every < 1 or self.keep < 1:
       raise ValueError(f"checkpoint.every and checkpoint.keep must be >= 1, got {self.every}, {self.keep}")
 
@@ -127,6 +130,13 @@ class Config:
 
 
 SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+
+
+def _typecheck(obj, section: str) -> None:
+  """Checks (and normalises, e.g. int -> float, list -> tuple) every field of a section dataclass."""
+  hints = _hints(type(obj))
+  for f in dataclasses.fields(obj):
+    object.__setattr__(obj, f.name, _check_value(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name]))
 TOP_LEVEL = ("workdir",)
 
 
@@ -414,7 +424,11 @@ def load_config_file(path: str) -> Config:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config()")
-  return validate(module.get_config())
+  try:
+    cfg = module.get_config()
+  except TypeError as e:  # e.g. a str where a section's own checks compare numbers
+    raise ValueError(f"config file {path!r}: bad value in get_config(): {e}") from None
+  return validate(cfg)
 
 
 def load(path: str, overrides: Sequence[str] = (), workdir: str | None = None) -> Config:

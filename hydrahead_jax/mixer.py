@@ -29,7 +29,8 @@ from hydrahead_jax.sharding import constrain
 
 HEADS_NAMES = ("batch", "length", "heads", "head_dim")
 # Fusion in one Pallas kernel (pallas_kernels.fusion_norm): None = on GPU only; True / False force it on / off.
-USE_FUSED_FUSION: bool | None = None
+# Off by default until the kernel has been compiled and timed on a GPU (checked so far in interpret mode only).
+USE_FUSED_FUSION: bool | None = False
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:

@@ -98,8 +98,12 @@ class MetricsLog:
     self.enabled = enabled
     self.tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+      except ImportError:
+        print("warning: tensorboardX is not installed; no TensorBoard events (metrics.jsonl only)")
+      else:
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after ``step`` (a resumed run repeats them)."""
@@ -118,7 +122,7 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps({k: _json_float(v) for k, v in row.items()}) + "\n")
     for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+      if self.tb is not None and k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
         self.tb.add_scalar(k, v, int(row["step"]))
 
   def close(self) -> None:
@@ -135,7 +139,11 @@ def _json_float(v):
 
 def plot_metrics(metrics_path: str, out_png: str) -> None:
   """Loss curve (and eval retrieval accuracy, when present) from metrics.jsonl."""
-  import matplotlib  # noqa: PLC0415
+  try:
+    import matplotlib  # noqa: PLC0415
+  except ImportError:
+    print("warning: matplotlib is not installed; no loss plot")
+    return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -249,6 +257,8 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
     stack.callback(log.close)
     stack.callback(ckpt.close)
     # model, optimizer, state
+    if cfg.model.la_implementation == "pallas":
+      import pallas_kernels.gated_delta_rule  # noqa: F401,PLC0415  (registers implementation='pallas')
     model = create_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params = flatten_state(params_state)

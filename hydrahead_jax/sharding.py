@@ -59,12 +59,24 @@ def rules_for_mesh(mesh=None, rules=LOGICAL_RULES):
 
 
 def logical_to_pspec(names: Sequence[str | None], mesh=None) -> P:
-  """Maps a tuple of logical axis names to a mesh ``PartitionSpec``."""
+  """Maps a tuple of logical axis names to a mesh ``PartitionSpec``.
+
+  A mesh axis is used at most once per array: the first dimension that claims it keeps it (so activations
+  ``[batch, length, embed]`` shard batch over data+fsdp and leave embed whole, while a weight ``[vocab, embed]``
+  shards embed over fsdp).
+  """
   table = dict(rules_for_mesh(mesh))
+  used: set[str] = set()
+  out = []
   for n in names:
     if n is not None and n not in table:
       raise ValueError(f"logical axis {n!r} has no rule in LOGICAL_RULES")
-  return P(*(table[n] if n is not None else None for n in names))
+    target = table[n] if n is not None else None
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    kept = tuple(a for a in axes if a not in used)
+    used.update(kept)
+    out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
+  return P(*out)
 
 
 def fit_pspec(spec: P, shape: Sequence[int], mesh) -> P:

@@ -149,12 +149,13 @@ def test_sharded_matches_unsharded(rng):
   ref_model = create_model(cfg, seed=3)
   tok = tokens(rng, B=4, T=16)
   ref = forward(ref_model, tok, None)
-  mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
     model = create_model(cfg, seed=3, mesh=mesh)
     wq = model.segments[1].mixer.la.wq[...]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)  # layers, embed, heads, head_dim
-    out = forward(model, jax.device_put(tok, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))), None)
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # layers, embed, heads, head_dim
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    out = forward(model, jax.device_put(tok, batch_sharding), None)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 

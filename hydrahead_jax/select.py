@@ -165,7 +165,7 @@ def cmd_convert(args) -> None:
                                  seed=args.seed + 1)
   t0 = time.perf_counter()
   student, rep = convert_teacher(model, layout, calib, heldout=held, inputs=args.calib_inputs,
-                                 iterations=args.calib_iters,
+                                 iterations=args.calib_iters, free_running_check=args.free_running_check,
                                  progress=not args.quiet, **kw)
   rep["seconds"] = time.perf_counter() - t0
   rep["teacher"] = args.teacher
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="student layers read the teacher's layer inputs (one pass) or their own (iterated)")
   c.add_argument("--calib-iters", type=int, default=3, help="passes with --calib-inputs student")
   c.add_argument("--heldout-num", type=int, default=8, help="held-out sequences for the RMS check")
+  c.add_argument("--free-running-check", action=argparse.BooleanOptionalAction, default=True,
+                 help="also report the held-out RMS match in the student's own forward")
   c.add_argument("--seed", type=int, default=0)
   c.add_argument("--out", required=True)
   c.add_argument("--quiet", action="store_true")

@@ -34,7 +34,7 @@ def calibration_batches(tokenizer, *, num: int, length: int, batch_size: int, se
 
 def convert_teacher(teacher, layout: HeadLayout, calib: Sequence[np.ndarray] | None = None, *,
                     heldout: Sequence[np.ndarray] | None = None, inputs: str = "teacher", iterations: int = 3,
-                    progress: bool = False, **overrides):
+                    free_running_check: bool = True, progress: bool = False, **overrides):
   """(student, report). FA groups reuse the teacher exactly; LA heads start from their slices; with ``calib``
   batches, fusion scales are calibrated (and checked on ``heldout`` when given)."""
   scfg = student_config(teacher.cfg, layout, **overrides)
@@ -44,7 +44,7 @@ def convert_teacher(teacher, layout: HeadLayout, calib: Sequence[np.ndarray] | N
     report["calibration"] = calibrate_fusion(student, teacher, calib, inputs=inputs, iterations=iterations,
                                              progress=progress)
     if heldout is not None:  # the criterion with the calibration's inputs, and the student's own forward
-      for mode in dict.fromkeys([inputs, "student"]):
+      for mode in dict.fromkeys([inputs] + (["student"] if free_running_check else [])):
         r = rms_match(student, teacher, heldout, inputs=mode)
         report["heldout" if mode == inputs else "heldout_free_running"] = {
             "inputs": mode, "max_head_rms_dev": r["max_head_dev"], "median_head_rms_dev": r["median_head_dev"],

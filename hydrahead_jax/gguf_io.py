@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
+from hydrahead_jax.data.tokenizer import TokenizersBacked
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
 
@@ -347,7 +348,7 @@ def tokenizer_from_gguf(ckpt: GGUFCheckpoint):
   return tok
 
 
-class GGUFTokenizer:
+class GGUFTokenizer(TokenizersBacked):
   """``hydrahead_jax.data.tokenizer.Tokenizer`` protocol over the tokenizer stored in a GGUF file."""
 
   def __init__(self, path: str):
@@ -367,15 +368,6 @@ class GGUFTokenizer:
   def backend(self):
     """The underlying ``tokenizers.Tokenizer``."""
     return self._tok
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def info(self) -> dict[str, Any]:
     return {"type": "gguf", "path": self.path, "vocab_size": self.vocab_size,

@@ -88,7 +88,22 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-class HFTokenizer:
+class TokenizersBacked:
+  """encode/decode over a ``tokenizers.Tokenizer`` held in ``self._tok`` (no special tokens added)."""
+
+  _tok: Any
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class HFTokenizer(TokenizersBacked):
   """Wraps ``tokenizers.Tokenizer.from_file``. Special tokens come from the arguments, else a
   ``tokenizer_config.json`` beside the file, else common names found in the vocabulary."""
 
@@ -126,15 +141,6 @@ class HFTokenizer:
       if tid is not None:
         return tid
     return None
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def info(self) -> dict[str, Any]:
     return {"type": "hf", "vocab_size": self.vocab_size, "sha256": _sha256(self.path),

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,17 +25,7 @@ from flax import nnx  # noqa: E402
 from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
 from hydrahead_jax.layers import rope_angles  # noqa: E402
 from hydrahead_jax.mixer import HydraHeadMixer  # noqa: E402
-
-
-def median_ms(fn, *args, warmup: int = 2, iters: int = 7) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+from pallas_kernels.gated_delta_rule.bench import median_ms  # noqa: E402
 
 
 def build(cfg: ModelConfig, num_fa_groups: int):
@@ -80,9 +68,9 @@ def main() -> None:
       cfg = base.replace(layout=HeadLayout(((tuple(range(n_fa))),)))
       params, fwd, grad = build(cfg, n_fa)
       try:
-        row[f"{name} fwd"] = median_ms(fwd, params, x)
+        row[f"{name} fwd"] = median_ms(fwd, params, x, reps=7)
         if T in args.lengths:
-          row[f"{name} fwd+bwd"] = median_ms(grad, params, x)
+          row[f"{name} fwd+bwd"] = median_ms(grad, params, x, reps=7)
       except Exception as e:  # noqa: BLE001 - report OOM etc. as a cell, keep the other rows
         row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:200]}"
       del params, fwd, grad

@@ -63,6 +63,15 @@ def _check_format(data: dict[str, Any], fmt: str, file: str) -> ModelConfig:
   return ModelConfig.from_dict(data["config"])
 
 
+def _read_config(path: str, name: str, fmt: str, dtype) -> ModelConfig:
+  """The model config stored as ``name`` in a checkpoint directory, format-checked, optional param dtype."""
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"checkpoint: no {name} in {path}")
+  cfg = _check_format(_read_json(file), fmt, file)
+  return cfg if dtype is None else cfg.replace(param_dtype=dtype)
+
+
 # -- Orbax -----------------------------------------------------------------------------------------------
 
 
@@ -119,12 +128,7 @@ def load_orbax(path: str, mesh=None, *, dtype: str | None = None):
 
   mesh = resolve_mesh(mesh)
   path = os.path.abspath(path)
-  file = os.path.join(path, MANIFEST)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"checkpoint: no {MANIFEST} in {path}")
-  cfg = _check_format(_read_json(file), ORBAX_FORMAT, file)
-  if dtype is not None:
-    cfg = cfg.replace(param_dtype=dtype)
+  cfg = _read_config(path, MANIFEST, ORBAX_FORMAT, dtype)
   state_dir = os.path.join(path, "state")
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f"checkpoint: {path} has a manifest but no state/ directory")
@@ -166,12 +170,7 @@ def load_hybrid_safetensors(path: str, mesh=None, *, dtype: str | None = None):
   from hydrahead_jax.params import model_from_flat
 
   mesh = resolve_mesh(mesh)
-  file = os.path.join(path, SAFETENSORS_CONFIG)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"checkpoint: no {SAFETENSORS_CONFIG} in {path}")
-  cfg = _check_format(_read_json(file), SAFETENSORS_FORMAT, file)
-  if dtype is not None:
-    cfg = cfg.replace(param_dtype=dtype)
+  cfg = _read_config(path, SAFETENSORS_CONFIG, SAFETENSORS_FORMAT, dtype)
   ckpt = SafetensorsCheckpoint(path)
   used = set()
 

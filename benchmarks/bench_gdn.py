@@ -7,6 +7,7 @@ Parts (each a separate process so torch and JAX do not share the GPU allocator):
            chunked GDN, cuDNN causal attention; forward and forward+backward medians (ms).
   fla      fla-core's chunk_gated_delta_rule, same shapes (its Hopper/Triton<3.7.1 guard bypassed for timing).
   big      indexing past 2^31 elements: forward at B*T*H*K > 2^31, checked on the first and last segment.
+  bigbwd   the same with the backward (all gradients checked on the first and last segment; ~100 GB: H200).
   report   merge the JSON files into a table (also written as report.md).
 
   python benchmarks/bench_gdn.py check bench big --out $OUT; python benchmarks/bench_gdn.py fla --out $OUT
@@ -80,6 +81,8 @@ def _variants():
       "bv16_fsplit": _config(C(fwd_split=True)),
       "bv16_fsplit_ss5": _config(C(fwd_split=True, stages_seq=5)),
       "bv16_fsplit_save": _config(C(fwd_split=True, save_states=True)),
+      "bv16_lean": _config(C(save_states=False, save_wp=False)),  # the backward recomputes states, W, U, P
+      "bv16_states": _config(C(save_wp=False)),
   }
 
 
@@ -132,6 +135,9 @@ def _time_gdn(res: dict, key: str, fn, T: int, reps: int = 10) -> None:
     res[f"{key}.T{T}.fwd_ms"] = round(bench.median_ms(lambda *a: f(*a)[0], q, k, v, g, beta, reps=reps), 3)
     res[f"{key}.T{T}.fwdbwd_ms"] = round(
         bench.median_ms(gr, q, k, v, g, beta, None, None, do, None, reps=reps), 3)
+    mem = gr.lower(q, k, v, g, beta, None, None, do, None).compile().memory_analysis()
+    if mem is not None:  # XLA's buffers of the fwd+bwd program beyond its inputs and outputs
+      res[f"{key}.T{T}.fwdbwd_temp_GiB"] = round(mem.temp_size_in_bytes / 2**30, 3)
   except Exception as ex:  # noqa: BLE001
     res[f"{key}.T{T}.error"] = f"{type(ex).__name__}: {str(ex)[:800]}"
     traceback.print_exc()
@@ -266,6 +272,38 @@ def part_big(out: str) -> dict:
   return res
 
 
+def part_bigbwd(out: str) -> dict:
+  """Forward + backward past 2^31 elements per tensor (q, k, v, do and every gradient); the gradients of the first
+  and last segments are checked against the f32 recurrent reference run on those segments alone (segments
+  reset the state, so they are independent). Needs ~100 GB: an H200."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench, gpu_triton
+
+  B, H, K, V = 1, 16, 128, 128
+  T = 2**20 + 4096 if not INTERPRET else 300
+  seg_len = 2048 if not INTERPRET else 64
+  res = {"T": T, "elements_per_tensor": B * T * H * K, "over_2^31": B * T * H * K > 2**31}
+  q, k, v, g, beta, _, _ = bench.make_inputs(jax.random.PRNGKey(12), B, T, H, K, V, jnp.bfloat16)
+  do = jax.random.normal(jax.random.PRNGKey(13), (B, T, H, V), jnp.bfloat16)
+  tt = jnp.arange(T)
+  seg = ((tt >= seg_len).astype(jnp.int32) + (tt >= T - seg_len).astype(jnp.int32))[None]
+  _, grad = bench.fwd_and_grad(bench.gdn_fn("pallas", backend="triton", config=_config(gpu_triton.Config())))
+  t0 = time.perf_counter()
+  _, grads = jax.block_until_ready(grad(q, k, v, g, beta, None, seg, do, None))
+  res["fwdbwd_s_incl_compile"] = round(time.perf_counter() - t0, 2)
+  _, ref_grad = bench.fwd_and_grad(bench.gdn_fn("recurrent"))
+  for name, sl in (("first", slice(0, seg_len)), ("last", slice(T - seg_len, T))):
+    args = [x[:, sl].astype(jnp.float32) for x in (q, k, v, g, beta)]
+    _, rgrads = ref_grad(*args, None, None, do[:, sl].astype(jnp.float32), None)
+    for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), grads, rgrads):
+      res[f"{name}_segment_{n}_rel_err"] = round(bench.rel_rmse(a[:, sl], b), 6)
+  res["grads_finite"] = all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in grads)
+  print(res, flush=True)
+  _save(out, "bigbwd", res)
+  return res
+
+
 def part_kernels(out: str, ts=(32768, 131072), variant: str = "bv16", seq_only: bool = False) -> dict:
   """Per-kernel medians (ms) of one variant: where the forward and backward time goes."""
   import jax
@@ -343,7 +381,7 @@ def part_report(out: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("parts", nargs="+", choices=["check", "bench", "kernels", "fla", "big", "report"])
+  parser.add_argument("parts", nargs="+", choices=["check", "bench", "kernels", "fla", "big", "bigbwd", "report"])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--variants", default="", help="comma-separated tiling variants timed at 32K")
   parser.add_argument("--ts", default="", help="comma-separated sequence lengths")

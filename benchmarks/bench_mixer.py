@@ -24,11 +24,24 @@ from flax import nnx  # noqa: E402
 
 from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
 from hydrahead_jax.layers import rope_angles  # noqa: E402
+from hydrahead_jax import mixer  # noqa: E402
 from hydrahead_jax.mixer import HydraHeadMixer  # noqa: E402
 from pallas_kernels.gated_delta_rule.bench import median_ms  # noqa: E402
 
 
-def build(cfg: ModelConfig, num_fa_groups: int):
+def mixer_config(smoke: bool, gdn_impl: str | None = None) -> ModelConfig:
+  """One mixer layer: Qwen3-1.7B attention shape, or tiny shapes for a CPU smoke run."""
+  if smoke:
+    dims = dict(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16)
+  else:
+    dims = dict(d_model=2048, num_heads=16, num_kv_heads=8, head_dim=128)
+  return ModelConfig(vocab_size=128, num_layers=1, mlp_dim=128, dtype="bfloat16", param_dtype="bfloat16",
+                     la_implementation=gdn_impl, **dims)
+
+
+def build(base: ModelConfig, num_fa_groups: int):
+  """(params, jitted forward, jitted grads of all params and the input) of a layer with num_fa_groups FA groups."""
+  cfg = base.replace(layout=HeadLayout((tuple(range(num_fa_groups)),)))
   mixer = HydraHeadMixer(cfg, num_fa_groups, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(mixer)
 
@@ -50,23 +63,22 @@ def main() -> None:
   ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
   ap.add_argument("--fwd-only-lengths", type=int, nargs="*", default=[524288])
   ap.add_argument("--smoke", action="store_true")
+  ap.add_argument("--fusion-kernel", default="auto", choices=["auto", "on", "off"],
+                  help="fusion of head outputs in the Pallas kernel (mixer.USE_FUSED_FUSION)")
   args = ap.parse_args()
+  mixer.USE_FUSED_FUSION = {"auto": None, "on": True, "off": False}[args.fusion_kernel]
   if args.smoke:
-    dims = dict(d_model=64, num_heads=4, num_kv_heads=2, head_dim=16)
     args.lengths, args.fwd_only_lengths = [128], [256]
-  else:
-    dims = dict(d_model=2048, num_heads=16, num_kv_heads=8, head_dim=128)
-  base = ModelConfig(vocab_size=128, num_layers=1, mlp_dim=128, dtype="bfloat16", param_dtype="bfloat16",
-                     la_implementation=args.gdn_impl, **dims)
+  base = mixer_config(args.smoke, args.gdn_impl)
   G = base.num_kv_heads
   layouts = {"7:1 (1 FA group)": 1, "all-FA": G}
-  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gdn_impl": args.gdn_impl, "rows": []}
+  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gdn_impl": args.gdn_impl,
+             "fusion_kernel": args.fusion_kernel, "rows": []}
   for T in args.lengths + args.fwd_only_lengths:
     x = jax.random.normal(jax.random.key(0), (1, T, base.d_model), jnp.bfloat16)
     row = {"T": T}
     for name, n_fa in layouts.items():
-      cfg = base.replace(layout=HeadLayout(((tuple(range(n_fa))),)))
-      params, fwd, grad = build(cfg, n_fa)
+      params, fwd, grad = build(base, n_fa)
       try:
         row[f"{name} fwd"] = median_ms(fwd, params, x, reps=7)
         if T in args.lengths:
@@ -80,7 +92,7 @@ def main() -> None:
         row[f"speedup {kind}"] = a / b
     print(json.dumps(row), flush=True)
     results["rows"].append(row)
-  with open(os.path.join(args.out, "bench_mixer.json"), "w") as fh:
+  with open(os.path.join(args.out, f"bench_mixer_{args.fusion_kernel}.json"), "w") as fh:
     json.dump(results, fh, indent=1)
 
 

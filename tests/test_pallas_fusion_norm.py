@@ -1,6 +1,7 @@
 """Fused head fusion (pallas_kernels/fusion_norm): the Triton kernels in Pallas interpret mode vs the reference.
 
-Forward and every gradient (o, the scales, the gate) for each variant, with and without the LA gate, f32 and bf16,
+Forward and every gradient (FA and LA outputs, the scales, the gate's pre-activation z and bias) for each variant,
+with and without the LA gate, f32 and bf16,
 all-FA / all-LA layers, bad arguments, and the mixer with the kernel forced equal to its default path.
 Relative RMSE: forward 1e-5 (f32) / 1e-2 (bf16), gradients 1e-4 (f32) / 1e-2 (bf16).
 Shapes are tiny (B=2, T=12 -> 24 rows, padded to 2 programs of 16 rows); one jit per case.
@@ -18,7 +19,7 @@ from pallas_kernels.fusion_norm import fused_head_fusion, fused_head_fusion_refe
 
 B, T, H, K = 2, 12, 4, 16
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2)}
-SCALES = ("fa_scale", "fa_norm_scale", "la_norm_scale")
+ARGS = ("o_fa", "o_la", "fa_scale", "fa_norm_scale", "la_norm_scale", "z", "z_bias")
 
 
 def _rel(a, b) -> float:
@@ -27,11 +28,15 @@ def _rel(a, b) -> float:
   return float(np.sqrt(np.mean((a - b)**2)) / (np.sqrt(np.mean(b**2)) + 1e-30))
 
 
-def _inputs(rng, variant, fa_heads, gated, dtype):
-  """Random o, scales around 1 (never zero) and a gate, as a dict of the differentiable arguments."""
+def _inputs(rng, variant, fa_heads, gated, dtype, z_bias=True):
+  """Random head outputs, scales around 1 (never zero), gate pre-activation and bias: the differentiable args."""
   Hf, Hl = fa_heads, H - fa_heads
   normal = lambda shape, loc=0.0: rng.normal(loc, 1.0, size=shape).astype(np.float32)  # noqa: E731
-  args = {"o": jnp.asarray(normal((B, T, H, K)) * rng.uniform(0.5, 3.0), dtype)}
+  args = {}
+  if Hf:
+    args["o_fa"] = jnp.asarray(normal((B, T, Hf, K)) * rng.uniform(0.5, 3.0), dtype)
+  if Hl:
+    args["o_la"] = jnp.asarray(normal((B, T, Hl, K)) * rng.uniform(0.5, 3.0), dtype)
   if variant == "scale_norm" and Hf:
     args["fa_scale"] = jnp.asarray(normal((Hf,), 1.0))
   if variant == "rmsnorm_all" and Hf:
@@ -39,14 +44,16 @@ def _inputs(rng, variant, fa_heads, gated, dtype):
   if variant != "none" and Hl:
     args["la_norm_scale"] = jnp.asarray(normal((Hl, K), 1.0))
   if gated:
-    args["gate"] = jnp.asarray(normal((B, T, Hl, K)), dtype)
+    args["z"] = jnp.asarray(normal((B, T, Hl, K)) * 2.0, dtype)
+    if z_bias:
+      args["z_bias"] = jnp.asarray(normal((Hl, K)), jnp.float32)
   return args
 
 
-def _fwd_grad(fn, fa_heads, variant, eps):
+def _fwd_grad(fn, variant, eps):
   def run(args, dy):
     def loss(args):
-      y = fn(args["o"], fa_heads, variant, *(args.get(n) for n in SCALES), args.get("gate"), eps)
+      y = fn(*(args.get(n) for n in ARGS), eps=eps, variant=variant)
       return jnp.sum(y.astype(jnp.float32) * dy), y
 
     grads, y = jax.grad(loss, has_aux=True)(args)
@@ -55,12 +62,19 @@ def _fwd_grad(fn, fa_heads, variant, eps):
   return jax.jit(run)
 
 
-def _compare(rng, variant, fa_heads, gated, dtype=jnp.float32, eps=1e-6):
-  args = _inputs(rng, variant, fa_heads, gated, dtype)
+def _call(fn):
+  """fn with (o_fa, o_la, scales..., z, z_bias, eps=, variant=) -> positional contract."""
+  def wrapped(o_fa, o_la, fs, fns, lns, z, zb, *, eps, variant):
+    return fn(o_fa, o_la, variant, fs, fns, lns, z, zb, eps)
+  return wrapped
+
+
+def _compare(rng, variant, fa_heads, gated, dtype=jnp.float32, eps=1e-6, z_bias=True):
+  args = _inputs(rng, variant, fa_heads, gated, dtype, z_bias)
   dy = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
-  y, grads = _fwd_grad(fused_head_fusion, fa_heads, variant, eps)(args, dy)
-  ry, rgrads = _fwd_grad(fused_head_fusion_reference, fa_heads, variant, eps)(args, dy)
-  assert y.dtype == args["o"].dtype and y.shape == (B, T, H, K)
+  y, grads = _fwd_grad(_call(fused_head_fusion), variant, eps)(args, dy)
+  ry, rgrads = _fwd_grad(_call(fused_head_fusion_reference), variant, eps)(args, dy)
+  assert y.dtype == dtype and y.shape == (B, T, H, K)
   assert set(grads) == set(args)
   for n, g in grads.items():
     assert g.dtype == args[n].dtype and g.shape == args[n].shape, n
@@ -84,28 +98,32 @@ def test_bf16(variant, gated, rng):
 
 
 def test_all_fa_layer(rng):
-  """fa_heads = H: no LA scale, no gate."""
+  """Only FA heads: no LA scale, no gate."""
   _compare(rng, "rmsnorm_all", H, False)
 
 
 def test_all_la_layer(rng):
-  """fa_heads = 0: only LA heads, gated; a large eps (it enters the norm's gradient)."""
-  _compare(rng, "scale_norm", 0, True, eps=0.5)
+  """Only LA heads, gated without a bias; a large eps (it enters the norm's gradient)."""
+  _compare(rng, "scale_norm", 0, True, eps=0.5, z_bias=False)
 
 
 def test_bad_arguments(rng):
-  args = _inputs(rng, "scale_norm", 1, True, jnp.float32)
-  o, fs, ls, g = args["o"], args["fa_scale"], args["la_norm_scale"], args["gate"]
+  a = _inputs(rng, "scale_norm", 1, True, jnp.float32)
+  o_fa, o_la, fs, ls, z, zb = a["o_fa"], a["o_la"], a["fa_scale"], a["la_norm_scale"], a["z"], a["z_bias"]
   with pytest.raises(ValueError, match="variant"):
-    fused_head_fusion(o, 1, "layernorm", fs, None, ls, g)
+    fused_head_fusion(o_fa, o_la, "layernorm", fs, None, ls, z, zb)
   with pytest.raises(ValueError, match="la_norm_scale"):
-    fused_head_fusion(o, 1, "scale_norm", fs, None, None, g)
+    fused_head_fusion(o_fa, o_la, "scale_norm", fs, None, None, z, zb)
   with pytest.raises(ValueError, match="fa_norm_scale"):
-    fused_head_fusion(o, 1, "scale_norm", fs, ls[:1], ls, g)
-  with pytest.raises(ValueError, match="gate"):
-    fused_head_fusion(o, 1, "scale_norm", fs, None, ls, g[:, :, :1])
-  with pytest.raises(ValueError, match="fa_heads"):
-    fused_head_fusion(o, H + 1, "scale_norm", fs, None, ls, g)
+    fused_head_fusion(o_fa, o_la, "scale_norm", fs, ls[:1], ls, z, zb)
+  with pytest.raises(ValueError, match="z "):
+    fused_head_fusion(o_fa, o_la, "scale_norm", fs, None, ls, z[:, :, :1], zb)
+  with pytest.raises(ValueError, match="z_bias"):
+    fused_head_fusion(o_fa, o_la, "scale_norm", fs, None, ls, None, zb)
+  with pytest.raises(ValueError, match="differ"):
+    fused_head_fusion(o_fa[:, :5], o_la, "scale_norm", fs, None, ls, z, zb)
+  with pytest.raises(ValueError, match="both None"):
+    fused_head_fusion(None, None, "none")
 
 
 def test_mixer_uses_kernel_when_forced(rng, monkeypatch):
@@ -120,6 +138,7 @@ def test_mixer_uses_kernel_when_forced(rng, monkeypatch):
   fusion = mixer.fusion
   fusion.fa_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.fa_scale.shape), jnp.float32)
   fusion.la_norm_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.la_norm_scale.shape), jnp.float32)
+  mixer.la.z_bias[...] = jnp.asarray(rng.normal(0.0, 1.0, mixer.la.z_bias.shape), jnp.float32)
   x = jnp.asarray(rng.normal(size=(1, 10, cfg.d_model)), jnp.float32)
   pos = jnp.arange(10, dtype=jnp.int32)[None]
   cos_sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)

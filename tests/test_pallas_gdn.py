@@ -30,9 +30,11 @@ def _backends() -> list:
 
 
 BACKENDS = _backends()
-# The Triton kernels' other code paths: inverse recomputed in the backward, split forward with saved states.
+# The Triton kernels' other code paths (the default saves T, chunk states, Vn, W and P for the backward):
+# split forward, and a backward that recomputes all of them.
 VARIANTS = BACKENDS + [pytest.param(("triton", dataclasses.replace(gpu_triton.INTERPRET, save_inverse=False,
-                                                                   fwd_split=True, save_states=True)),
+                                                                   fwd_split=True, save_states=False,
+                                                                   save_wp=False)),
                                     id="triton-recompute-split")]
 TOL = {"o": 0.005, "ht": 0.005, "q": 0.008, "k": 0.008, "v": 0.008, "h0": 0.008, "g": 0.02, "beta": 0.02}
 NAMES = ("q", "k", "v", "g", "beta", "h0")

@@ -32,62 +32,68 @@ def default_config() -> gpu_triton.Config:
   return gpu_triton.Config() if jax.default_backend() == "gpu" else gpu_triton.INTERPRET
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _core(o, w, g, st: Static):
-  return gpu_triton.forward(o, w, g, hs=st.hs, cfg=st.cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(o_fa, o_la, w, z, zb, st: Static):
+  return gpu_triton.forward(o_fa, o_la, w, z, zb, hs=st.hs, cfg=st.cfg)
 
 
-def _core_fwd(o, w, g, st: Static):
-  return _core(o, w, g, st), (o, w, g)
+def _core_fwd(o_fa, o_la, w, z, zb, st: Static):
+  return _core(o_fa, o_la, w, z, zb, st), (o_fa, o_la, w, z, zb)
 
 
 def _core_bwd(st: Static, res, dy):
-  o, w, g = res
-  dx, dw, dg = gpu_triton.backward(o, w, g, dy.astype(o.dtype), hs=st.hs, cfg=st.cfg)
-  return dx, (None if dw is None else dw.sum(axis=0)), dg
+  o_fa, o_la, w, z, zb = res
+  do_fa, do_la, dw, dz, dzb = gpu_triton.backward(o_fa, o_la, w, z, zb, dy, hs=st.hs, cfg=st.cfg)
+  total = lambda part, like: None if part is None else part.sum(axis=0).astype(like.dtype)  # noqa: E731
+  return do_fa, do_la, total(dw, w), dz, total(dzb, zb)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _scale_matrix(H, K, fa_heads, variant, fa_scale, fa_norm_scale, la_norm_scale) -> Array | None:
-  """float32 [H, K]: per-head, per-channel multiplier (None for 'none')."""
+def _scale_matrix(Hf, Hl, K, variant, fa_scale, fa_norm_scale, la_norm_scale) -> Array | None:
+  """float32 [Hf + Hl, K]: per-head, per-channel multiplier (None for 'none')."""
   if variant == "none":
     return None
   rows = []
-  if fa_heads:
+  if Hf:
     if variant == "scale_norm":
-      rows.append(jnp.broadcast_to(fa_scale.astype(f32)[:, None], (fa_heads, K)))
+      rows.append(jnp.broadcast_to(fa_scale.astype(f32)[:, None], (Hf, K)))
     else:
       rows.append(fa_norm_scale.astype(f32))
-  if H - fa_heads:
+  if Hl:
     rows.append(la_norm_scale.astype(f32))
   return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
 
 
-def fused_head_fusion(o_BxTxHxK: Array, fa_heads: int, variant: str, fa_scale_H: Array | None = None,
-                      fa_norm_scale_HxK: Array | None = None, la_norm_scale_HxK: Array | None = None,
-                      gate_BxTxHlxK: Array | None = None, eps: float = 1e-6, *,
+def fused_head_fusion(o_fa_BxTxHfxK: Array | None, o_la_BxTxHlxK: Array | None, variant: str,
+                      fa_scale_Hf: Array | None = None, fa_norm_scale_HfxK: Array | None = None,
+                      la_norm_scale_HlxK: Array | None = None, z_BxTxHlxK: Array | None = None,
+                      z_bias_HlxK: Array | None = None, eps: float = 1e-6, *,
                       config: gpu_triton.Config | None = None) -> Array:
   """One pass over a layer's raw head outputs: per-head RMSNorm + learned scale / FA scalar / LA gate.
 
-  Same contract as ``reference.fused_head_fusion_reference`` (float32 math, output in o's dtype); gradients for
-  o, the scales and the gate through the analytic backward kernel. ``config``: the Triton tiling (default:
-  ``default_config()``).
+  Same contract as ``reference.fused_head_fusion_reference`` (float32 math, output [B, T, Hf + Hl, K] in the
+  outputs' dtype, gate = SiLU(z + z_bias)); gradients for both outputs, the scales, z and z_bias through the
+  analytic backward kernel. ``config``: the Triton tiling (default: ``default_config()``).
   """
-  check_args(o_BxTxHxK, fa_heads, variant, fa_scale_H, fa_norm_scale_HxK, la_norm_scale_HxK, gate_BxTxHlxK)
+  check_args(o_fa_BxTxHfxK, o_la_BxTxHlxK, variant, fa_scale_Hf, fa_norm_scale_HfxK, la_norm_scale_HlxK,
+             z_BxTxHlxK, z_bias_HlxK)
   cfg = default_config() if config is None else config
-  B, T, H, K = o_BxTxHxK.shape
+  B, T, _, K = (o_fa_BxTxHfxK if o_la_BxTxHlxK is None else o_la_BxTxHlxK).shape
+  Hf = 0 if o_fa_BxTxHfxK is None else o_fa_BxTxHfxK.shape[2]
+  Hl = 0 if o_la_BxTxHlxK is None else o_la_BxTxHlxK.shape[2]
   N, R = B * T, cfg.block_rows
   pad = -N % R
 
   def rows(x):
+    if x is None:
+      return None
     x = x.reshape(N, x.shape[2], K)
     return jnp.pad(x, ((0, pad), (0, 0), (0, 0))) if pad else x
 
-  w_HxK = _scale_matrix(H, K, fa_heads, variant, fa_scale_H, fa_norm_scale_HxK, la_norm_scale_HxK)
-  gate = None if gate_BxTxHlxK is None else rows(gate_BxTxHlxK)
-  hs = gpu_triton.Heads(fa_heads=fa_heads, norm_fa=variant == "rmsnorm_all", norm_la=variant != "none",
-                        scaled=w_HxK is not None, gated=gate is not None, eps=float(eps))
-  y = _core(rows(o_BxTxHxK), w_HxK, gate, Static(hs, cfg))
-  return y[:N].reshape(B, T, H, K)
+  w_HxK = _scale_matrix(Hf, Hl, K, variant, fa_scale_Hf, fa_norm_scale_HfxK, la_norm_scale_HlxK)
+  hs = gpu_triton.Heads(fa_heads=Hf, la_heads=Hl, norm_fa=variant == "rmsnorm_all", norm_la=variant != "none",
+                        scaled=w_HxK is not None, gated=z_BxTxHlxK is not None, eps=float(eps))
+  y = _core(rows(o_fa_BxTxHfxK), rows(o_la_BxTxHlxK), w_HxK, rows(z_BxTxHlxK), z_bias_HlxK, Static(hs, cfg))
+  return y[:N].reshape(B, T, Hf + Hl, K)

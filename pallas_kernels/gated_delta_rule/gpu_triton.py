@@ -53,7 +53,8 @@ class Config:
   dqk_block: int = 0  # K / V tile of the dqk kernel (0: whole K, V)
   wyb_block: int = 64  # K / V tile of the wy_bwd kernel
   fwd_split: bool = False  # forward: state pass writes chunk states + Vn, a parallel kernel reads out o
-  save_states: bool = False  # with fwd_split: keep chunk states + Vn for the backward (memory for time)
+  save_states: bool = True  # under grad: keep chunk states + Vn from the forward (no state recompute backward)
+  save_wp: bool = True  # under grad: keep W and P from the forward (no wy_fwd recompute backward)
   interpret: bool = False
 
 
@@ -398,8 +399,10 @@ def wy_fwd(q, k, v, gc, beta, sid, t_in=None, *, C: int, scale: float, cfg: Conf
                "gdn_wy_fwd", cd)(*args)
 
 
-def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, store: bool, cfg: Config):
-  """Forward mode: (o, final state). Store mode (backward recompute): (final, chunk-entry states, Vn)."""
+def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, store: bool, cfg: Config,
+              readout: bool | None = None):
+  """(o if readout, final state, then chunk-entry states and Vn if store). readout defaults to not store."""
+  readout = not store if readout is None else readout
   B, Tp, H, K = k.shape
   V = u.shape[-1]
   N = Tp // C
@@ -410,14 +413,14 @@ def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, st
   kernel = functools.partial(_state_fwd_kernel, C=C, N=N, scale=scale, prec=prec)
   args = [q, k, w, u, p, gc, sid, h0]
   specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.tok(bv, True), sp.mat(C), sp.vec(), sp.seg(), sp.state(K, bv)]
-  present = tuple(a is not None for a in args) + (not store, True, store, store)
+  present = tuple(a is not None for a in args) + (readout, True, store, store)
   specs, args = _drop_none(specs, args)
   out_shape = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
   out_specs = [sp.state(K, bv)]
-  if not store:
+  if readout:
     out_shape.insert(0, jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype))
     out_specs.insert(0, sp.tok(bv, True))
-  else:
+  if store:
     out_shape += [jax.ShapeDtypeStruct((B, H, N, K, V), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd)]
     out_specs += [sp.states(N, K, bv), sp.tok(bv, True)]
   return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
@@ -510,25 +513,34 @@ def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtyp
 
 
 def forward(q, k, v, gc, beta, sid, h0, *, C: int, scale: float, out_dtype, cfg: Config, save: bool = False):
-  """(o [B, Tp, H, V], final state [B, H, K, V] f32, saved (T, states, Vn) or None) from prepared inputs."""
+  """(o [B, Tp, H, V], final state [B, H, K, V] f32, saved (T, states, Vn, W, P)) from prepared inputs.
+
+  With save (under grad), the residuals the Config asks for; None where the backward recomputes."""
   outs = wy_fwd(q, k, v, gc, beta, sid, C=C, scale=scale, cfg=cfg, emit_t=save and cfg.save_inverse)
   w, u, p = outs[:3]
   t = outs[3] if len(outs) > 3 else None
+  keep_states = save and cfg.save_states
+  wp = (w, p) if save and cfg.save_wp else (None, None)
   if not cfg.fwd_split:
-    o, ht = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=False, cfg=cfg)
-    return o, ht, (t, None, None)
+    kw = dict(C=C, scale=scale, out_dtype=out_dtype, cfg=cfg)
+    if not keep_states:
+      o, ht = state_fwd(q, k, w, u, p, gc, sid, h0, store=False, **kw)
+      return o, ht, (t, None, None) + wp
+    o, ht, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, store=True, readout=True, **kw)
+    return o, ht, (t, hs, vn) + wp
   ht, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=out_dtype, store=True, cfg=cfg)
   o = output(q, p, gc, sid, hs, vn, C=C, scale=scale, out_dtype=out_dtype, cfg=cfg)
-  if save and cfg.save_states:
-    return o, ht, (t, hs, vn)
-  return o, ht, (t, None, None)
+  if keep_states:
+    return o, ht, (t, hs, vn) + wp
+  return o, ht, (t, None, None) + wp
 
 
 def backward(q, k, v, gc, beta, sid, h0, saved, do, dht, *, C: int, scale: float, cfg: Config):
-  """(dq, dk, dv, dgc, dbeta, dh0); recomputes W, U, P (from the saved T if any) and the chunk-entry states
-  (unless saved)."""
-  t, hs, vn = saved
-  w, u, p = wy_fwd(q, k, v, gc, beta, sid, t, C=C, scale=scale, cfg=cfg)[:3]
+  """(dq, dk, dv, dgc, dbeta, dh0); recomputes what the forward did not save: W, U, P (from the saved T if any)
+  and the chunk-entry states with Vn."""
+  t, hs, vn, w, p = saved
+  if hs is None or w is None:
+    w, u, p = wy_fwd(q, k, v, gc, beta, sid, t, C=C, scale=scale, cfg=cfg)[:3]
   if hs is None:
     _, hs, vn = state_fwd(q, k, w, u, p, gc, sid, h0, C=C, scale=scale, out_dtype=k.dtype, store=True, cfg=cfg)
   dvn, dhs, dh0 = state_bwd(q, k, w, p, gc, sid, do, dht, C=C, scale=scale, cfg=cfg)

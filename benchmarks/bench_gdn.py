@@ -81,6 +81,10 @@ def _variants():
       "bv16_fsplit": _config(C(fwd_split=True)),
       "bv16_fsplit_ss5": _config(C(fwd_split=True, stages_seq=5)),
       "bv16_fsplit_save": _config(C(fwd_split=True, save_states=True)),
+      "bv16_dqkw4": _config(C(warps_dqk=4)),
+      "bv16_s3": _config(C(stages=3)),
+      "bv16_wyb32": _config(C(wyb_block=32)),
+      "bv16_wybw8": _config(C(warps_wyb=8)),
       "bv16_lean": _config(C(save_states=False, save_wp=False)),  # the backward recomputes states, W, U, P
       "bv16_states": _config(C(save_wp=False)),
   }

@@ -65,15 +65,18 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--fusion-kernel", default="auto", choices=["auto", "on", "off"],
                   help="fusion of head outputs in the Pallas kernel (mixer.USE_FUSED_FUSION)")
+  ap.add_argument("--conv-kernel", default="auto", choices=["auto", "on", "off"],
+                  help="short conv + SiLU + L2 norm in the Pallas kernel (mixer.USE_CONV_KERNEL)")
   args = ap.parse_args()
   mixer.USE_FUSED_FUSION = {"auto": None, "on": True, "off": False}[args.fusion_kernel]
+  mixer.USE_CONV_KERNEL = {"auto": None, "on": True, "off": False}[args.conv_kernel]
   if args.smoke:
     args.lengths, args.fwd_only_lengths = [128], [256]
   base = mixer_config(args.smoke, args.gdn_impl)
   G = base.num_kv_heads
   layouts = {"7:1 (1 FA group)": 1, "all-FA": G}
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gdn_impl": args.gdn_impl,
-             "fusion_kernel": args.fusion_kernel, "rows": []}
+             "fusion_kernel": args.fusion_kernel, "conv_kernel": args.conv_kernel, "rows": []}
   for T in args.lengths + args.fwd_only_lengths:
     x = jax.random.normal(jax.random.key(0), (1, T, base.d_model), jnp.bfloat16)
     row = {"T": T}
@@ -92,7 +95,8 @@ def main() -> None:
         row[f"speedup {kind}"] = a / b
     print(json.dumps(row), flush=True)
     results["rows"].append(row)
-  with open(os.path.join(args.out, f"bench_mixer_{args.fusion_kernel}.json"), "w") as fh:
+  name = f"bench_mixer_fusion-{args.fusion_kernel}_conv-{args.conv_kernel}.json"
+  with open(os.path.join(args.out, name), "w") as fh:
     json.dump(results, fh, indent=1)
 
 

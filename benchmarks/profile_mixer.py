@@ -108,8 +108,11 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--fusion-kernel", default="auto", choices=["auto", "on", "off"],
                   help="fusion of head outputs in the Pallas kernel (mixer.USE_FUSED_FUSION)")
+  ap.add_argument("--conv-kernel", default="auto", choices=["auto", "on", "off"],
+                  help="short conv + SiLU + L2 norm in the Pallas kernel (mixer.USE_CONV_KERNEL)")
   args = ap.parse_args()
   mixer.USE_FUSED_FUSION = {"auto": None, "on": True, "off": False}[args.fusion_kernel]
+  mixer.USE_CONV_KERNEL = {"auto": None, "on": True, "off": False}[args.conv_kernel]
   base = mixer_config(args.smoke)
   n_fa = {"7:1": 1, "all-FA": base.num_kv_heads, "all-LA": 0}[args.layout]
   params, fwd, grad = build(base, n_fa)
@@ -120,7 +123,8 @@ def main() -> None:
   if args.hlo:
     with open(os.path.join(args.out, f"hlo_{args.layout.replace(':', '-')}_{T}{args.tag}.txt"), "w") as fh:
       fh.write(fn.lower(params, x).compile().as_text())
-  res.update(T=T, layout=args.layout, fwd_only=args.fwd_only, device=jax.devices()[0].device_kind, tag=args.tag, fusion_kernel=args.fusion_kernel)
+  res.update(T=T, layout=args.layout, fwd_only=args.fwd_only, device=jax.devices()[0].device_kind, tag=args.tag, fusion_kernel=args.fusion_kernel,
+             conv_kernel=args.conv_kernel)
   print(json.dumps({k: v for k, v in res.items() if not k.startswith("top_")}), flush=True)
   for row in res["top_kernels_ms"][:30]:
     print(f"  {row[1]:9.3f} ms  {row[2]:18s} {row[0][:110]}")

@@ -31,6 +31,12 @@ HEADS_NAMES = ("batch", "length", "heads", "head_dim")
 # Fusion in one Pallas kernel (pallas_kernels.fusion_norm): None = on GPU only; True / False force it on / off.
 # Off by default until the kernel has been compiled and timed on a GPU (checked so far in interpret mode only).
 USE_FUSED_FUSION: bool | None = False
+# Short conv + SiLU (+ q/k L2 norm) in one Pallas kernel (pallas_kernels.short_conv): None = on GPU only.
+USE_CONV_KERNEL: bool | None = None
+
+
+def _use(flag: bool | None) -> bool:
+  return jax.default_backend() == "gpu" if flag is None else flag
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -136,11 +142,16 @@ class GatedDeltaNet(nnx.Module):
       self.w_z = make_param(rngs, fan_in_normal(D), (D, num_heads, K), hk, pd)
       self.z_bias = make_param(rngs, nnx.initializers.zeros, (num_heads, K), ("heads", "head_dim"), pd)
 
-  def _conv(self, x_BxTxHxK, w, segment_ids_BxT):
+  def _conv(self, x_BxTxHxK, w, segment_ids_BxT, normalize: bool):
+    """SiLU(short causal conv) per channel, then (q, k) L2 norm per head; in x's dtype."""
     B, T, H, K = x_BxTxHxK.shape
-    y = causal_depthwise_conv(x_BxTxHxK.reshape(B, T, H * K), w[...].astype(x_BxTxHxK.dtype).reshape(-1, H * K),
-                              segment_ids_BxT)
-    return jax.nn.silu(y).reshape(B, T, H, K)
+    x_BxTxC, w_WxC = x_BxTxHxK.reshape(B, T, H * K), w[...].reshape(-1, H * K)
+    if _use(USE_CONV_KERNEL):
+      from pallas_kernels.short_conv import short_conv
+      y = short_conv(x_BxTxC, w_WxC, segment_ids_BxT, head_dim=K if normalize else None)
+      return y.reshape(B, T, H, K)
+    y = jax.nn.silu(causal_depthwise_conv(x_BxTxC, w_WxC.astype(x_BxTxC.dtype), segment_ids_BxT)).reshape(B, T, H, K)
+    return l2_normalize(y).astype(y.dtype) if normalize else y
 
   def projections(self) -> list[jax.Array]:
     """Input projection weights, in the order mix() takes their outputs (w_z last, when gated)."""
@@ -160,9 +171,9 @@ class GatedDeltaNet(nnx.Module):
   def mix(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, a_BxTxH, b_BxTxH, z_BxTxHxK=None, *, segment_ids_BxT):
     """(raw head outputs [B, T, Hl, K], the gate's projection W_z x or None) from the projected inputs."""
     cfg, dt = self.cfg, self.cfg.dtype
-    q_BxTxHxK = l2_normalize(self._conv(q_BxTxHxK, self.conv_q, segment_ids_BxT))
-    k_BxTxHxK = l2_normalize(self._conv(k_BxTxHxK, self.conv_k, segment_ids_BxT))
-    v_BxTxHxK = self._conv(v_BxTxHxK, self.conv_v, segment_ids_BxT)
+    q_BxTxHxK = self._conv(q_BxTxHxK, self.conv_q, segment_ids_BxT, normalize=True)
+    k_BxTxHxK = self._conv(k_BxTxHxK, self.conv_k, segment_ids_BxT, normalize=True)
+    v_BxTxHxK = self._conv(v_BxTxHxK, self.conv_v, segment_ids_BxT, normalize=False)
     a_BxTxH, b_BxTxH = a_BxTxH.astype(jnp.float32), b_BxTxH.astype(jnp.float32)
     g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
     beta_BxTxH = jax.nn.sigmoid(b_BxTxH)
@@ -253,8 +264,7 @@ class HydraHeadMixer(nnx.Module):
       raw_BxTxHxK = raw_BxTxHxK * (1 - m) + values_BxTxHxK.astype(raw_BxTxHxK.dtype) * m
       o_fa = raw_BxTxHxK[:, :, :Hf] if Hf else None
       o_la = raw_BxTxHxK[:, :, Hf:] if Hl else None
-    use_kernel = jax.default_backend() == "gpu" if USE_FUSED_FUSION is None else USE_FUSED_FUSION
-    if use_kernel:
+    if _use(USE_FUSED_FUSION):
       fused = self.fusion.fused(o_fa, o_la, z, None if z is None else self.la.z_bias[...])
     else:
       fused_parts = [] if o_fa is None else [self.fusion.fa(o_fa)]

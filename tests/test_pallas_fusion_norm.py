@@ -143,13 +143,17 @@ def test_mixer_uses_kernel_when_forced(rng, monkeypatch):
   pos = jnp.arange(10, dtype=jnp.int32)[None]
   cos_sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)
 
-  @nnx.jit
-  def run(m, x):
-    return m(x, cos_sin, None)
+  def run(m, x):  # a fresh jit per flag value (jit's cache does not see module flags)
+    return nnx.jit(lambda m, x: m(x, cos_sin, None))(m, x)
 
+  import pallas_kernels.fusion_norm as package
+  calls = []
+  monkeypatch.setattr(package, "fused_head_fusion", lambda *a, **k: calls.append(1) or fused_head_fusion(*a, **k))
   monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", False)
   y_ref, raw_ref = run(mixer, x)
+  assert not calls
   monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
   y, raw = run(mixer, x)
+  assert calls
   np.testing.assert_array_equal(np.asarray(raw), np.asarray(raw_ref))
   assert _rel(y, y_ref) < 1e-5

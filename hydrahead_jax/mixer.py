@@ -25,9 +25,13 @@ from hydrahead_jax.layers import (
     rms_normalize,
 )
 from hydrahead_jax.ops import gated_delta_rule
-from hydrahead_jax.sharding import constrain
+from hydrahead_jax.sharding import constrain, per_shard
 
 HEADS_NAMES = ("batch", "length", "heads", "head_dim")
+# Per-shard kernels (Pallas custom calls) split batch rows and heads only; the time axis stays whole (recurrence, conv).
+SHARD_BTHK = ("batch", None, "heads", None)
+SHARD_BTH = ("batch", None, "heads")
+SHARD_BT = ("batch", None)
 # Fusion in one Pallas kernel (pallas_kernels.fusion_norm): None = on GPU only; True / False force it on / off.
 # Off by default until the kernel has been compiled and timed on a GPU (checked so far in interpret mode only).
 USE_FUSED_FUSION: bool | None = False
@@ -148,8 +152,15 @@ class GatedDeltaNet(nnx.Module):
     x_BxTxC, w_WxC = x_BxTxHxK.reshape(B, T, H * K), w[...].reshape(-1, H * K)
     if _use(USE_CONV_KERNEL):
       from pallas_kernels.short_conv import short_conv
-      y = short_conv(x_BxTxC, w_WxC, segment_ids_BxT, head_dim=K if normalize else None)
-      return y.reshape(B, T, H, K)
+
+      def conv(x_BxTxHxK, w_WxHxK, seg_BxT):
+        b, t, h, k = x_BxTxHxK.shape
+        y = short_conv(x_BxTxHxK.reshape(b, t, h * k), w_WxHxK.reshape(-1, h * k), seg_BxT,
+                       head_dim=k if normalize else None)
+        return (y.reshape(b, t, h, k),)
+
+      sharded = per_shard(conv, (SHARD_BTHK, (None, "heads", None), SHARD_BT), (SHARD_BTHK,))
+      return sharded(x_BxTxHxK, w[...], segment_ids_BxT)[0]
     y = jax.nn.silu(causal_depthwise_conv(x_BxTxC, w_WxC.astype(x_BxTxC.dtype), segment_ids_BxT)).reshape(B, T, H, K)
     return l2_normalize(y).astype(y.dtype) if normalize else y
 
@@ -177,10 +188,10 @@ class GatedDeltaNet(nnx.Module):
     a_BxTxH, b_BxTxH = a_BxTxH.astype(jnp.float32), b_BxTxH.astype(jnp.float32)
     g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
     beta_BxTxH = jax.nn.sigmoid(b_BxTxH)
-    o_BxTxHxK, _ = gated_delta_rule(
-        q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH,
-        segment_ids=segment_ids_BxT, chunk_size=cfg.la_chunk_size, implementation=cfg.la_implementation,
-    )
+    gdn = per_shard(lambda q, k, v, g, beta, seg: gated_delta_rule(
+        q, k, v, g, beta, segment_ids=seg, chunk_size=cfg.la_chunk_size, implementation=cfg.la_implementation)[:1],
+                    (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BT,), (SHARD_BTHK,))
+    (o_BxTxHxK,) = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH, segment_ids_BxT)
     return constrain(o_BxTxHxK, HEADS_NAMES), z_BxTxHxK
 
 
@@ -215,8 +226,13 @@ class ScaleNormFusion(nnx.Module):
     """fa() and la() of all heads in one Pallas kernel (same math, float32 inside; gate SiLU(z + z_bias))."""
     from pallas_kernels.fusion_norm import fused_head_fusion
     get = lambda name: getattr(self, name)[...] if hasattr(self, name) else None  # noqa: E731
-    return fused_head_fusion(o_fa_BxTxHfxK, o_la_BxTxHlxK, self.variant, get("fa_scale"), get("fa_norm_scale"),
-                             get("la_norm_scale"), z_BxTxHlxK, z_bias_HlxK, self.eps)
+    # Per shard of batch rows only: the output concatenates FA and LA heads, so a head split of each input would
+    # not be a contiguous block of the output's heads.
+    rows = ("batch", None, None, None)
+    fn = per_shard(lambda o_fa, o_la, fs, fns, lns, z, zb: (fused_head_fusion(
+        o_fa, o_la, self.variant, fs, fns, lns, z, zb, self.eps),), (rows, rows, None, None, None, rows, None), (rows,))
+    return fn(o_fa_BxTxHfxK, o_la_BxTxHlxK, get("fa_scale"), get("fa_norm_scale"), get("la_norm_scale"), z_BxTxHlxK,
+              z_bias_HlxK)[0]
 
   def la(self, o_BxTxHxK, gate_BxTxHxK):
     out = o_BxTxHxK.astype(jnp.float32)

@@ -104,6 +104,39 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, fit_pspec(logical_to_pspec(names, mesh), x.shape, mesh))
 
 
+def per_shard(fn, in_names: Sequence[Sequence[str | None] | None], out_names: Sequence[Sequence[str | None]]):
+  """``fn`` run on each device's shard of the active mesh (``jax.shard_map``), specs from logical names.
+
+  For ops that are independent along the named axes (batch rows, heads) but opaque to XLA's partitioner: a Pallas
+  kernel is a custom call, so without this XLA would gather its operands onto every device. ``in_names``: one
+  entry per positional argument (None: the argument is replicated, e.g. a None or a scalar); ``out_names``: one per
+  output (fn returns a tuple). Mesh axes that do not divide a dimension are dropped (that dimension is then
+  computed redundantly, never split). A dimension named None is kept whole on every device, so name only the
+  axes the op is independent along (never 'length' for a recurrence). Without an active multi-device mesh, fn
+  itself runs.
+  """
+
+  def wrapped(*args):
+    mesh = _active_mesh()
+    if mesh is None or all(size == 1 for size in mesh.axis_sizes):
+      return fn(*args)
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def on_shard(*shards):
+      full = list(args)
+      for i, x in zip(present, shards):
+        full[i] = x
+      return fn(*full)
+
+    spec = lambda names, x: P() if names is None else fit_pspec(logical_to_pspec(names, mesh), x.shape, mesh)  # noqa: E731
+    outs = jax.eval_shape(fn, *args)
+    return jax.shard_map(on_shard, mesh=mesh, in_specs=tuple(spec(in_names[i], args[i]) for i in present),
+                         out_specs=tuple(spec(n, o) for n, o in zip(out_names, outs)),
+                         check_vma=False)(*[args[i] for i in present])
+
+  return wrapped
+
+
 @contextlib.contextmanager
 def axis_rules(mesh=None):
   """Activates the rule table for flax's ``nnx.get_partition_spec``."""

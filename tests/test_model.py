@@ -159,6 +159,54 @@ def test_sharded_matches_unsharded(rng):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 
+def test_kernels_run_per_shard(rng, monkeypatch):
+  """Under a data x fsdp x tensor mesh the Pallas GDN and short-conv kernels (interpret mode) run on each device's
+  batch rows and heads, the fusion kernel on its batch rows (shard_map), and the mixer's output and input gradient
+  equal the unsharded ones."""
+  import pallas_kernels.short_conv as conv_package
+  from hydrahead_jax import mixer as mixer_mod
+  from hydrahead_jax.layers import rope_angles
+
+  cfg = ModelConfig(**{**BASE, "num_heads": 8, "num_kv_heads": 4, "layout": HeadLayout.per_layer(1, [2]),
+                       "num_layers": 1, "la_implementation": "pallas"})
+  layer = mixer_mod.HydraHeadMixer(cfg, 2, rngs=nnx.Rngs(int(rng.integers(1 << 30))))  # 4 FA + 4 LA heads
+  B, T = 4, 16
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
+  seg = jnp.asarray(np.cumsum(rng.random((B, T)) < 0.2, axis=1), jnp.int32)
+  cos_sin = rope_angles(jnp.arange(T, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
+  shapes = []
+  real_gdn, real_conv = mixer_mod.gated_delta_rule, conv_package.short_conv
+  monkeypatch.setattr(mixer_mod, "gated_delta_rule", lambda q, *a, **k: shapes.append(("gdn", q.shape)) or
+                      real_gdn(q, *a, **k))
+  monkeypatch.setattr(conv_package, "short_conv", lambda x, *a, **k: shapes.append(("conv", x.shape)) or
+                      real_conv(x, *a, **k))
+  import pallas_kernels.fusion_norm as fusion_package
+  real_fusion = fusion_package.fused_head_fusion
+  monkeypatch.setattr(fusion_package, "fused_head_fusion", lambda o_fa, *a, **k: shapes.append(("fusion", o_fa.shape))
+                      or real_fusion(o_fa, *a, **k))
+  monkeypatch.setattr(mixer_mod, "USE_CONV_KERNEL", True)
+  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
+
+  def run(x):  # a fresh jit per mesh
+    def loss(x):
+      y = layer(x, cos_sin, seg)[0]
+      return jnp.sum(y * y), y
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+
+  (_, y_ref), dx_ref = run(x)
+  assert ("gdn", (B, T, 4, cfg.head_dim)) in shapes
+  shapes.clear()
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    (_, y), dx = run(x)
+  # per device: batch / (data x fsdp), LA heads / tensor
+  assert ("gdn", (1, T, 2, cfg.head_dim)) in shapes, shapes
+  assert ("conv", (1, T, 2 * cfg.head_dim)) in shapes, shapes
+  assert ("fusion", (1, T, 4, cfg.head_dim)) in shapes, shapes  # batch rows only
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize(
     "kw, field",
     [

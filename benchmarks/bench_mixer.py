@@ -56,6 +56,19 @@ def build(base: ModelConfig, num_fa_groups: int):
   return params, jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+def add_kernel_flags(ap: argparse.ArgumentParser) -> None:
+  """--fusion-kernel / --conv-kernel: the mixer's optional Pallas kernels (auto = the model's default)."""
+  for flag, what in (("fusion", "fusion of head outputs (mixer.USE_FUSED_FUSION)"),
+                     ("conv", "short conv + SiLU + L2 norm (mixer.USE_CONV_KERNEL)")):
+    ap.add_argument(f"--{flag}-kernel", default="auto", choices=["auto", "on", "off"], help=f"Pallas kernel for {what}")
+
+
+def apply_kernel_flags(args) -> None:
+  choice = {"auto": None, "on": True, "off": False}
+  mixer.USE_FUSED_FUSION = choice[args.fusion_kernel]
+  mixer.USE_CONV_KERNEL = choice[args.conv_kernel]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=".")
@@ -63,13 +76,9 @@ def main() -> None:
   ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
   ap.add_argument("--fwd-only-lengths", type=int, nargs="*", default=[524288])
   ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--fusion-kernel", default="auto", choices=["auto", "on", "off"],
-                  help="fusion of head outputs in the Pallas kernel (mixer.USE_FUSED_FUSION)")
-  ap.add_argument("--conv-kernel", default="auto", choices=["auto", "on", "off"],
-                  help="short conv + SiLU + L2 norm in the Pallas kernel (mixer.USE_CONV_KERNEL)")
+  add_kernel_flags(ap)
   args = ap.parse_args()
-  mixer.USE_FUSED_FUSION = {"auto": None, "on": True, "off": False}[args.fusion_kernel]
-  mixer.USE_CONV_KERNEL = {"auto": None, "on": True, "off": False}[args.conv_kernel]
+  apply_kernel_flags(args)
   if args.smoke:
     args.lengths, args.fwd_only_lengths = [128], [256]
   base = mixer_config(args.smoke, args.gdn_impl)

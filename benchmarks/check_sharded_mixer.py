@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.bench_mixer import mixer_config  # noqa: E402
@@ -32,6 +33,7 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=".")
   ap.add_argument("--T", type=int, default=8192)
+  ap.add_argument("--no-segments", action="store_true")
   args = ap.parse_args()
   n = len(jax.devices())
   cfg = mixer_config(False).replace(layout=HeadLayout(((0,),)))
@@ -40,6 +42,7 @@ def main() -> None:
   B, T = 2 * n, args.T
   x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model), jnp.bfloat16)
   seg = jnp.cumsum(jax.random.uniform(jax.random.key(2), (B, T)) < 1e-3, axis=1).astype(jnp.int32)
+  seg = None if args.no_segments else seg
   cos_sin = rope_angles(jnp.arange(T, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
 
   def loss(params, x):
@@ -49,14 +52,19 @@ def main() -> None:
   def new_step():  # a fresh jit per mesh (jit's cache does not key on the active mesh)
     return jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True))
 
-  res = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "B": B, "T": T}
-  step = new_step()
-  (_, y_ref), dx_ref = step(params, x)
-  res["single_device_ms"] = median_ms(step, params, x, reps=5)
+  res = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "B": B, "T": T,
+         "segments": seg is not None}
+  # The reference also runs under a (one-device) mesh: with several GPUs visible and no mesh, jax 0.11.2's cuDNN
+  # attention partitioner fails ("'GSPMDSharding' object has no attribute 'spec'").
+  axes = ("data", "fsdp", "context", "tensor")
+  mesh_of = lambda devices, shape: jax.sharding.Mesh(  # noqa: E731
+      np.array(devices).reshape(shape), axes, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  with jax.set_mesh(mesh_of(jax.devices()[:1], (1, 1, 1, 1))):
+    step = new_step()
+    (_, y_ref), dx_ref = step(params, x)
+    res["single_device_ms"] = median_ms(step, params, x, reps=5)
   for name, shape in (("data", (n, 1, 1, 1)), ("tensor", (1, 1, 1, n))):
-    mesh = jax.make_mesh(shape, ("data", "fsdp", "context", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh_of(jax.devices(), shape)):
       step = new_step()
       (_, y), dx = step(params, x)
       res[f"{name}_parallel_ms"] = median_ms(step, params, x, reps=5)

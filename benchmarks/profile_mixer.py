@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.bench_mixer import build, mixer_config  # noqa: E402
-from hydrahead_jax import mixer  # noqa: E402
+from benchmarks.bench_mixer import add_kernel_flags, apply_kernel_flags, build, mixer_config  # noqa: E402
 
 GROUPS = (  # first match wins
     ("cudnn attention", re.compile(r"cudnn|flash|fmha|sdpa", re.I)),
@@ -106,13 +105,9 @@ def main() -> None:
   ap.add_argument("--tag", default="")
   ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO of the profiled step")
   ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--fusion-kernel", default="auto", choices=["auto", "on", "off"],
-                  help="fusion of head outputs in the Pallas kernel (mixer.USE_FUSED_FUSION)")
-  ap.add_argument("--conv-kernel", default="auto", choices=["auto", "on", "off"],
-                  help="short conv + SiLU + L2 norm in the Pallas kernel (mixer.USE_CONV_KERNEL)")
+  add_kernel_flags(ap)
   args = ap.parse_args()
-  mixer.USE_FUSED_FUSION = {"auto": None, "on": True, "off": False}[args.fusion_kernel]
-  mixer.USE_CONV_KERNEL = {"auto": None, "on": True, "off": False}[args.conv_kernel]
+  apply_kernel_flags(args)
   base = mixer_config(args.smoke)
   n_fa = {"7:1": 1, "all-FA": base.num_kv_heads, "all-LA": 0}[args.layout]
   params, fwd, grad = build(base, n_fa)

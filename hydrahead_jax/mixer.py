@@ -115,10 +115,15 @@ class FullAttention(nnx.Module):
     q_BxTxHfxK = apply_rope(q_BxTxHfxK, *cos_sin)
     k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin)
     mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
-    o_BxTxHfxK = jax.nn.dot_product_attention(
-        q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask=mask, is_causal=True, scale=K**-0.5,
-        implementation=attention_implementation(self.cfg.fa_implementation, q_BxTxHfxK.dtype),
-    )
+    impl = attention_implementation(self.cfg.fa_implementation, q_BxTxHfxK.dtype)
+    attend = lambda q, k, v, m: (jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, mask=m, is_causal=True, scale=K**-0.5, implementation=impl),)
+    if impl == "cudnn":
+      # Per batch-row shard. jax's cuDNN attention partitioner failed on 2 H100s (jax 0.11.2: "'GSPMDSharding'
+      # object has no attribute 'spec'", as in jax-ml/jax#21584); inside shard_map it is not consulted.
+      rows = ("batch", None, None, None)
+      attend = per_shard(attend, (rows, rows, rows, rows), (rows,))
+    (o_BxTxHfxK,) = attend(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask)
     return constrain(o_BxTxHfxK, HEADS_NAMES)
 
 

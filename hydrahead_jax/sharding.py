@@ -112,13 +112,13 @@ def per_shard(fn, in_names: Sequence[Sequence[str | None] | None], out_names: Se
   entry per positional argument (None: the argument is replicated, e.g. a None or a scalar); ``out_names``: one per
   output (fn returns a tuple). Mesh axes that do not divide a dimension are dropped (that dimension is then
   computed redundantly, never split). A dimension named None is kept whole on every device, so name only the
-  axes the op is independent along (never 'length' for a recurrence). Without an active multi-device mesh, fn
-  itself runs.
+  axes the op is independent along (never 'length' for a recurrence). Without an active mesh, fn itself runs;
+  under any mesh (one device too) fn runs inside shard_map, where XLA's partitioner never sees it.
   """
 
   def wrapped(*args):
     mesh = _active_mesh()
-    if mesh is None or all(size == 1 for size in mesh.axis_sizes):
+    if mesh is None:
       return fn(*args)
     present = [i for i, a in enumerate(args) if a is not None]
 

@@ -161,8 +161,8 @@ def test_sharded_matches_unsharded(rng):
 
 def test_kernels_run_per_shard(rng, monkeypatch):
   """Under a data x fsdp x tensor mesh the Pallas GDN and short-conv kernels (interpret mode) run on each device's
-  batch rows and heads, the fusion kernel on its batch rows (shard_map), and the mixer's output and input gradient
-  equal the unsharded ones."""
+  batch rows and heads, the fusion kernel and cuDNN attention on their batch rows (shard_map), and the mixer's
+  output and input gradient equal the unsharded ones."""
   import pallas_kernels.short_conv as conv_package
   from hydrahead_jax import mixer as mixer_mod
   from hydrahead_jax.layers import rope_angles
@@ -186,6 +186,11 @@ def test_kernels_run_per_shard(rng, monkeypatch):
                       or real_fusion(o_fa, *a, **k))
   monkeypatch.setattr(mixer_mod, "USE_CONV_KERNEL", True)
   monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
+  # The cuDNN attention path (per batch-row shard on GPU), with XLA attention standing in for cuDNN on the CPU.
+  real_attention = jax.nn.dot_product_attention
+  monkeypatch.setattr(mixer_mod, "attention_implementation", lambda *a: "cudnn")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, implementation, **k: shapes.append(
+      ("attention", q.shape, implementation)) or real_attention(q, *a, implementation="xla", **k))
 
   def run(x):  # a fresh jit per mesh
     def loss(x):
@@ -203,6 +208,7 @@ def test_kernels_run_per_shard(rng, monkeypatch):
   assert ("gdn", (1, T, 2, cfg.head_dim)) in shapes, shapes
   assert ("conv", (1, T, 2 * cfg.head_dim)) in shapes, shapes
   assert ("fusion", (1, T, 4, cfg.head_dim)) in shapes, shapes  # batch rows only
+  assert ("attention", (1, T, 4, cfg.head_dim), "cudnn") in shapes, shapes  # batch rows only
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=2e-4, atol=2e-4)
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.optional_refs import pallas_call_optional
+
 Array = jax.Array
 f32 = jnp.float32
 
@@ -104,25 +106,11 @@ def _bwd_kernel(ofa_ref, ola_ref, w_ref, z_ref, zb_ref, dy_ref, dofa_ref, dola_r
     (dofa_ref if fa else dola_ref)[:, i, :] = dy_RxK.astype((dofa_ref if fa else dola_ref).dtype)
 
 
-def _present(kernel, present):
-  """Kernel taking None for the absent (optional) refs."""
-
-  def wrapped(*refs):
-    it = iter(refs)
-    return kernel(*[next(it) if p else None for p in present])
-
-  return wrapped
-
-
 def _run(kernel, cfg: Config, grid, args_specs, outs, name: str):
   """args_specs: [(array or None, spec)]; outs: [(ShapeDtypeStruct, spec) or None]."""
-  present = [a is not None for a, _ in args_specs] + [o is not None for o in outs]
-  outs = [o for o in outs if o is not None]
   params = None if cfg.interpret else pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
-  call = pl.pallas_call(_present(kernel, present), grid=grid,
-                        in_specs=[s for a, s in args_specs if a is not None], out_specs=[s for _, s in outs],
-                        out_shape=[o for o, _ in outs], compiler_params=params, interpret=cfg.interpret, name=name)
-  return call(*[a for a, _ in args_specs if a is not None])
+  return pallas_call_optional(kernel, args_specs, outs, grid=grid, compiler_params=params, interpret=cfg.interpret,
+                              name=name)
 
 
 def _rows(R: int, H: int, K: int) -> pl.BlockSpec:

@@ -32,6 +32,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.gated_delta_rule.chunk_math import (Decay, chunk_decay, chunk_vectors, mm, one_hot_last,
                                                         strict_lower, unit_lower_inverse, wy_matrix)
+from pallas_kernels.optional_refs import pallas_call_optional
 
 Array = jax.Array
 f32 = jnp.float32
@@ -339,27 +340,13 @@ class _Specs:
     return pl.BlockSpec((None, None, K, V), lambda b, h, j: (b, h, 0, j))
 
 
-def _call(kernel, cfg: Config, grid, in_specs, out_specs, out_shape, warps: int, name: str, cd=jnp.bfloat16):
+def _call(kernel, cfg: Config, grid, args_specs, outs, warps: int, name: str, cd=jnp.bfloat16) -> list:
+  """args_specs: [(array or None, spec)]; outs: [(ShapeDtypeStruct, spec) or None], in the kernel's ref order."""
   stages = cfg.stages_seq if name.startswith("gdn_state") else cfg.stages
   stages = 1 if jnp.dtype(cd) == jnp.float32 else stages  # float32 tiles: no room for a second stage
   params = None if cfg.interpret else pltr.CompilerParams(num_warps=warps, num_stages=stages)
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        compiler_params=params, interpret=cfg.interpret, name=name)
-
-
-def _drop_none(specs, args):
-  keep = [i for i, a in enumerate(args) if a is not None]
-  return [specs[i] for i in keep], [args[i] for i in keep]
-
-
-def _with_optional(kernel, present: tuple[bool, ...]):
-  """Adapt a kernel whose refs include optional ones (absent -> None)."""
-
-  def wrapped(*refs):
-    it = iter(refs)
-    return kernel(*[next(it) if p else None for p in present])
-
-  return wrapped
+  return pallas_call_optional(kernel, args_specs, outs, grid=grid, compiler_params=params, interpret=cfg.interpret,
+                              name=name)
 
 
 def _par_layout(Tp: int, C: int, cfg: Config) -> tuple[int, int]:
@@ -385,18 +372,12 @@ def wy_fwd(q, k, v, gc, beta, sid, t_in=None, *, C: int, scale: float, cfg: Conf
   prec, inv = _precisions(cfg, cd)
   emit_t = emit_t and t_in is None
   kernel = functools.partial(_wy_fwd_kernel, C=C, L=L, scale=scale, prec=prec, inv_prec=inv)
-  args = [q, k, v, gc, beta, sid, t_in]
-  specs = [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C)]
-  present = tuple(a is not None for a in args) + (True, True, True, emit_t)
-  specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd),
-               jax.ShapeDtypeStruct((B, H, Tp, C), cd)]
-  out_specs = [sp.tok(K), sp.tok(V), sp.mat(C)]
-  if emit_t:
-    out_shape.append(jax.ShapeDtypeStruct((B, H, Tp, C), f32))
-    out_specs.append(sp.mat(C))
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_par,
-               "gdn_wy_fwd", cd)(*args)
+  args_specs = list(zip([q, k, v, gc, beta, sid, t_in],
+                         [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C)]))
+  outs = [(jax.ShapeDtypeStruct((B, Tp, H, K), cd), sp.tok(K)), (jax.ShapeDtypeStruct((B, Tp, H, V), cd), sp.tok(V)),
+          (jax.ShapeDtypeStruct((B, H, Tp, C), cd), sp.mat(C)),
+          (jax.ShapeDtypeStruct((B, H, Tp, C), f32), sp.mat(C)) if emit_t else None]
+  return _call(kernel, cfg, (B, H, J), args_specs, outs, cfg.warps_par, "gdn_wy_fwd", cd)
 
 
 def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, store: bool, cfg: Config,
@@ -411,20 +392,14 @@ def state_fwd(q, k, w, u, p, gc, sid, h0, *, C: int, scale: float, out_dtype, st
   sp = _Specs(Tp, by_rows=False)
   prec, _ = _precisions(cfg, cd)
   kernel = functools.partial(_state_fwd_kernel, C=C, N=N, scale=scale, prec=prec)
-  args = [q, k, w, u, p, gc, sid, h0]
-  specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.tok(bv, True), sp.mat(C), sp.vec(), sp.seg(), sp.state(K, bv)]
-  present = tuple(a is not None for a in args) + (readout, True, store, store)
-  specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
-  out_specs = [sp.state(K, bv)]
-  if readout:
-    out_shape.insert(0, jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype))
-    out_specs.insert(0, sp.tok(bv, True))
-  if store:
-    out_shape += [jax.ShapeDtypeStruct((B, H, N, K, V), cd), jax.ShapeDtypeStruct((B, Tp, H, V), cd)]
-    out_specs += [sp.states(N, K, bv), sp.tok(bv, True)]
-  return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
-               cfg.warps_seq, "gdn_state_fwd", cd)(*args)
+  args_specs = list(zip(
+      [q, k, w, u, p, gc, sid, h0],
+      [sp.tok(K), sp.tok(K), sp.tok(K), sp.tok(bv, True), sp.mat(C), sp.vec(), sp.seg(), sp.state(K, bv)]))
+  outs = [(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), sp.tok(bv, True)) if readout else None,
+          (jax.ShapeDtypeStruct((B, H, K, V), f32), sp.state(K, bv)),
+          (jax.ShapeDtypeStruct((B, H, N, K, V), cd), sp.states(N, K, bv)) if store else None,
+          (jax.ShapeDtypeStruct((B, Tp, H, V), cd), sp.tok(bv, True)) if store else None]
+  return _call(kernel, cfg, (B, H, V // bv), args_specs, outs, cfg.warps_seq, "gdn_state_fwd", cd)
 
 
 def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config):
@@ -436,15 +411,13 @@ def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config
   sp = _Specs(Tp, by_rows=False)
   prec, _ = _precisions(cfg, cd)
   kernel = functools.partial(_state_bwd_kernel, C=C, N=N, scale=scale, prec=prec)
-  args = [q, k, w, p, gc, sid, do, dht]
-  specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.tok(bv, True), sp.state(K, bv)]
-  present = tuple(a is not None for a in args) + (True,) * 3
-  specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), cd), jax.ShapeDtypeStruct((B, H, N, K, V), cd),
-               jax.ShapeDtypeStruct((B, H, K, V), f32)]
-  out_specs = [sp.tok(bv, True), sp.states(N, K, bv), sp.state(K, bv)]
-  return _call(_with_optional(kernel, present), cfg, (B, H, V // bv), specs, out_specs, out_shape,
-               cfg.warps_seq, "gdn_state_bwd", cd)(*args)
+  args_specs = list(zip(
+      [q, k, w, p, gc, sid, do, dht],
+      [sp.tok(K), sp.tok(K), sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.tok(bv, True), sp.state(K, bv)]))
+  outs = [(jax.ShapeDtypeStruct((B, Tp, H, V), cd), sp.tok(bv, True)),
+          (jax.ShapeDtypeStruct((B, H, N, K, V), cd), sp.states(N, K, bv)),
+          (jax.ShapeDtypeStruct((B, H, K, V), f32), sp.state(K, bv))]
+  return _call(kernel, cfg, (B, H, V // bv), args_specs, outs, cfg.warps_seq, "gdn_state_bwd", cd)
 
 
 def _bwd_tiles(K: int, V: int, block: int, cd) -> dict:
@@ -461,16 +434,13 @@ def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, 
   sp = _Specs(L * C, by_rows=True)
   prec, _ = _precisions(cfg, cd)
   kernel = functools.partial(_dqk_kernel, C=C, L=L, scale=scale, prec=prec, **_bwd_tiles(K, V, cfg.dqk_block, cd))
-  args = [q, k, gc, sid, hs, dhs, vn, dvn, do]
-  specs = [sp.tok(K), sp.tok(K), sp.vec(), sp.seg(), sp.states(L, K, V), sp.states(L, K, V), sp.tok(V),
-           sp.tok(V), sp.tok(V)]
-  present = tuple(a is not None for a in args) + (True,) * 4
-  specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), jax.ShapeDtypeStruct((B, Tp, H, K), cd),
-               jax.ShapeDtypeStruct((B, Tp, H, K), cd), jax.ShapeDtypeStruct((B, H, Tp), f32)]
-  out_specs = [sp.tok(K), sp.tok(K), sp.tok(K), sp.vec()]
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_dqk,
-               "gdn_dqk", cd)(*args)
+  args_specs = list(zip([q, k, gc, sid, hs, dhs, vn, dvn, do],
+                         [sp.tok(K), sp.tok(K), sp.vec(), sp.seg(), sp.states(L, K, V), sp.states(L, K, V),
+                          sp.tok(V), sp.tok(V), sp.tok(V)]))
+  outs = [(jax.ShapeDtypeStruct((B, Tp, H, K), dq_dtype), sp.tok(K)),
+          (jax.ShapeDtypeStruct((B, Tp, H, K), cd), sp.tok(K)), (jax.ShapeDtypeStruct((B, Tp, H, K), cd), sp.tok(K)),
+          (jax.ShapeDtypeStruct((B, H, Tp), f32), sp.vec())]
+  return _call(kernel, cfg, (B, H, J), args_specs, outs, cfg.warps_dqk, "gdn_dqk", cd)
 
 
 def output(q, p, gc, sid, hs, vn, *, C: int, scale: float, out_dtype, cfg: Config):
@@ -481,12 +451,11 @@ def output(q, p, gc, sid, hs, vn, *, C: int, scale: float, out_dtype, cfg: Confi
   sp = _Specs(L * C, by_rows=True)
   prec, _ = _precisions(cfg, cd)
   kernel = functools.partial(_output_kernel, C=C, L=L, scale=scale, prec=prec)
-  args = [q, p, gc, sid, hs, vn]
-  specs = [sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.states(L, K, V), sp.tok(V)]
-  present = tuple(a is not None for a in args) + (True,)
-  specs, args = _drop_none(specs, args)
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, sp.tok(V),
-               jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), cfg.warps_par, "gdn_output", cd)(*args)
+  args_specs = list(zip([q, p, gc, sid, hs, vn],
+                         [sp.tok(K), sp.mat(C), sp.vec(), sp.seg(), sp.states(L, K, V), sp.tok(V)]))
+  (o,) = _call(kernel, cfg, (B, H, J), args_specs, [(jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), sp.tok(V))],
+               cfg.warps_par, "gdn_output", cd)
+  return o
 
 
 def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtype, dv_dtype, cfg: Config):
@@ -498,15 +467,13 @@ def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtyp
   prec, inv = _precisions(cfg, cd)
   kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv,
                              **_bwd_tiles(K, V, cfg.wyb_block, cd))
-  args = [k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part]
-  specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C), sp.tok(K), sp.tok(V), sp.tok(K), sp.vec()]
-  present = tuple(a is not None for a in args) + (True,) * 4
-  specs, args = _drop_none(specs, args)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), dk_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), dv_dtype),
-               jax.ShapeDtypeStruct((B, H, Tp), f32), jax.ShapeDtypeStruct((B, H, Tp), f32)]
-  out_specs = [sp.tok(K), sp.tok(V), sp.vec(), sp.vec()]
-  return _call(_with_optional(kernel, present), cfg, (B, H, J), specs, out_specs, out_shape, cfg.warps_wyb,
-               "gdn_wy_bwd", cd)(*args)
+  args_specs = list(zip([k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part],
+                         [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C), sp.tok(K), sp.tok(V),
+                          sp.tok(K), sp.vec()]))
+  outs = [(jax.ShapeDtypeStruct((B, Tp, H, K), dk_dtype), sp.tok(K)),
+          (jax.ShapeDtypeStruct((B, Tp, H, V), dv_dtype), sp.tok(V)),
+          (jax.ShapeDtypeStruct((B, H, Tp), f32), sp.vec()), (jax.ShapeDtypeStruct((B, H, Tp), f32), sp.vec())]
+  return _call(kernel, cfg, (B, H, J), args_specs, outs, cfg.warps_wyb, "gdn_wy_bwd", cd)
 
 
 # ------------------------------------------------------------------------------------------ entry points

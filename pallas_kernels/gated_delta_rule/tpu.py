@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gated_delta_rule.chunk_math import mm, strict_lower, unit_lower_inverse
+from pallas_kernels.optional_refs import pallas_call_optional
 
 Array = jax.Array
 f32 = jnp.float32
@@ -239,29 +240,13 @@ class _Specs:
     return pl.BlockSpec((None, None, K, V), lambda b, h, n: (b, h, 0, 0))
 
 
-def _call(kernel, cfg: Config, grid, in_specs, out_specs, out_shape, sequential: bool, scratch=()):
-  sem = ("parallel", "parallel", "arbitrary" if sequential else "parallel")
-  interpret = pltpu.InterpretParams(uninitialized_memory="nan") if cfg.interpret else False
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        scratch_shapes=list(scratch), interpret=interpret,
-                        compiler_params=pltpu.CompilerParams(dimension_semantics=sem))
-
-
-def _present(kernel, present):
-  def wrapped(*refs):
-    it = iter(refs)
-    return kernel(*[next(it) if p else None for p in present])
-  return wrapped
-
-
 def _run(kernel, cfg, grid, args_specs, outs, sequential=False, scratch=(), n_scratch=0):
   """args_specs: [(array or None, spec)]; outs: [(ShapeDtypeStruct, spec) or None]."""
-  present = [a is not None for a, _ in args_specs] + [o is not None for o in outs] + [True] * n_scratch
-  args = [a for a, _ in args_specs if a is not None]
-  in_specs = [s for a, s in args_specs if a is not None]
-  outs = [o for o in outs if o is not None]
-  return _call(_present(kernel, present), cfg, grid, in_specs, [s for _, s in outs], [o for o, _ in outs],
-               sequential, scratch)(*args)
+  sem = ("parallel", "parallel", "arbitrary" if sequential else "parallel")
+  interpret = pltpu.InterpretParams(uninitialized_memory="nan") if cfg.interpret else False
+  return pallas_call_optional(kernel, args_specs, outs, n_scratch=n_scratch, grid=grid,
+                              scratch_shapes=list(scratch), interpret=interpret,
+                              compiler_params=pltpu.CompilerParams(dimension_semantics=sem))
 
 
 def _gate_args(sp: _Specs, gcc, gcr, sidc, sidr):

@@ -50,6 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.optional_refs import pallas_call_optional
 from pallas_kernels.short_conv.reference import EPS
 
 Array = jax.Array
@@ -248,16 +249,6 @@ def _dx_kernel(du_ref, w_ref, sid_ref, dx_ref, *, d: Dims):
 # ------------------------------------------------------------------------------------------ pallas_calls
 
 
-def _with_optional(kernel, present: tuple[bool, ...]):
-  """Adapt a kernel whose refs include optional ones (absent -> None)."""
-
-  def wrapped(*refs):
-    it = iter(refs)
-    return kernel(*[next(it) if p else None for p in present])
-
-  return wrapped
-
-
 class _Specs:
   """BlockSpecs of the grid (B, T blocks, channel blocks): every program sees all T rows of its batch row."""
 
@@ -279,13 +270,9 @@ class _Specs:
 
 def _call(kernel, d: Dims, B: int, args_specs, outs, warps: int, cfg: Config, name: str):
   """args_specs: [(array or None, spec)] in kernel order; outs: [(ShapeDtypeStruct, spec)]."""
-  present = tuple(a is not None for a, _ in args_specs) + (True,) * len(outs)
-  grid = (B, pl.cdiv(d.T, d.bt), pl.cdiv(d.C, d.step))
   params = None if cfg.interpret else pltr.CompilerParams(num_warps=warps, num_stages=1)
-  call = pl.pallas_call(_with_optional(kernel, present), grid=grid,
-                        in_specs=[s for a, s in args_specs if a is not None], out_specs=[s for _, s in outs],
-                        out_shape=[o for o, _ in outs], compiler_params=params, interpret=cfg.interpret, name=name)
-  return call(*[a for a, _ in args_specs if a is not None])
+  return pallas_call_optional(kernel, args_specs, outs, grid=(B, pl.cdiv(d.T, d.bt), pl.cdiv(d.C, d.step)),
+                              compiler_params=params, interpret=cfg.interpret, name=name)
 
 
 def forward(x_BxTxC: Array, w_WxC: Array, sid_BxT: Array | None, *, head_dim: int | None, cfg: Config) -> Array:

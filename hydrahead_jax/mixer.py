@@ -32,6 +32,7 @@ HEADS_NAMES = ("batch", "length", "heads", "head_dim")
 SHARD_BTHK = ("batch", None, "heads", None)
 SHARD_BTH = ("batch", None, "heads")
 SHARD_BT = ("batch", None)
+SHARD_B = ("batch", None, None, None)  # batch rows only (heads whole)
 # Fusion in one Pallas kernel (pallas_kernels.fusion_norm): None = on GPU only; True / False force it on / off.
 # Off by default: on an H100 it was not faster than XLA's own fusion of the same math (docs/kernels.md).
 USE_FUSED_FUSION: bool | None = False
@@ -121,8 +122,7 @@ class FullAttention(nnx.Module):
     if impl == "cudnn":
       # Per batch-row shard. jax's cuDNN attention partitioner failed on 2 H100s (jax 0.11.2: "'GSPMDSharding'
       # object has no attribute 'spec'", as in jax-ml/jax#21584); inside shard_map it is not consulted.
-      rows = ("batch", None, None, None)
-      attend = per_shard(attend, (rows, rows, rows, rows), (rows,))
+      attend = per_shard(attend, (SHARD_B,) * 4, (SHARD_B,))
     (o_BxTxHfxK,) = attend(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask)
     return constrain(o_BxTxHfxK, HEADS_NAMES)
 
@@ -153,21 +153,20 @@ class GatedDeltaNet(nnx.Module):
 
   def _conv(self, x_BxTxHxK, w, segment_ids_BxT, normalize: bool):
     """SiLU(short causal conv) per channel, then (q, k) L2 norm per head; in x's dtype."""
-    B, T, H, K = x_BxTxHxK.shape
-    x_BxTxC, w_WxC = x_BxTxHxK.reshape(B, T, H * K), w[...].reshape(-1, H * K)
-    if _use(USE_CONV_KERNEL):
-      from pallas_kernels.short_conv import short_conv
+    use_kernel = _use(USE_CONV_KERNEL)
 
-      def conv(x_BxTxHxK, w_WxHxK, seg_BxT):
-        b, t, h, k = x_BxTxHxK.shape
-        y = short_conv(x_BxTxHxK.reshape(b, t, h * k), w_WxHxK.reshape(-1, h * k), seg_BxT,
-                       head_dim=k if normalize else None)
-        return (y.reshape(b, t, h, k),)
+    def conv(x_BxTxHxK, w_WxHxK, seg_BxT):
+      B, T, H, K = x_BxTxHxK.shape
+      x_BxTxC, w_WxC = x_BxTxHxK.reshape(B, T, H * K), w_WxHxK.reshape(-1, H * K)
+      if use_kernel:
+        from pallas_kernels.short_conv import short_conv
+        return (short_conv(x_BxTxC, w_WxC, seg_BxT, head_dim=K if normalize else None).reshape(B, T, H, K),)
+      y = jax.nn.silu(causal_depthwise_conv(x_BxTxC, w_WxC.astype(x_BxTxC.dtype), seg_BxT)).reshape(B, T, H, K)
+      return (l2_normalize(y).astype(y.dtype) if normalize else y,)
 
-      sharded = per_shard(conv, (SHARD_BTHK, (None, "heads", None), SHARD_BT), (SHARD_BTHK,))
-      return sharded(x_BxTxHxK, w[...], segment_ids_BxT)[0]
-    y = jax.nn.silu(causal_depthwise_conv(x_BxTxC, w_WxC.astype(x_BxTxC.dtype), segment_ids_BxT)).reshape(B, T, H, K)
-    return l2_normalize(y).astype(y.dtype) if normalize else y
+    if use_kernel:  # a Pallas call: per (batch rows x heads) shard
+      conv = per_shard(conv, (SHARD_BTHK, (None, "heads", None), SHARD_BT), (SHARD_BTHK,))
+    return conv(x_BxTxHxK, w[...], segment_ids_BxT)[0]
 
   def projections(self) -> list[jax.Array]:
     """Input projection weights, in the order mix() takes their outputs (w_z last, when gated)."""
@@ -233,9 +232,9 @@ class ScaleNormFusion(nnx.Module):
     get = lambda name: getattr(self, name)[...] if hasattr(self, name) else None  # noqa: E731
     # Per shard of batch rows only: the output concatenates FA and LA heads, so a head split of each input would
     # not be a contiguous block of the output's heads.
-    rows = ("batch", None, None, None)
     fn = per_shard(lambda o_fa, o_la, fs, fns, lns, z, zb: (fused_head_fusion(
-        o_fa, o_la, self.variant, fs, fns, lns, z, zb, self.eps),), (rows, rows, None, None, None, rows, None), (rows,))
+        o_fa, o_la, self.variant, fs, fns, lns, z, zb, self.eps),), (SHARD_B, SHARD_B, None, None, None, SHARD_B, None),
+                   (SHARD_B,))
     return fn(o_fa_BxTxHfxK, o_la_BxTxHlxK, get("fa_scale"), get("fa_norm_scale"), get("la_norm_scale"), z_BxTxHlxK,
               z_bias_HlxK)[0]
 

@@ -228,3 +228,9 @@ def test_default_picks_pallas_on_accelerators(monkeypatch):
     assert default_implementation() == "chunked"  # warned only once
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert default_implementation() == "chunked"
+
+
+def test_explicit_pallas_loads_on_first_request(monkeypatch):
+  """implementation='pallas' works without importing pallas_kernels first (the registry loads it)."""
+  monkeypatch.delitem(gdr_module._IMPLEMENTATIONS, "pallas", raising=False)
+  assert get_gdn_implementation("pallas") is gdr_module._IMPLEMENTATIONS["pallas"]

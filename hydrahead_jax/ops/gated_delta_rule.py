@@ -49,6 +49,13 @@ def available_implementations() -> tuple[str, ...]:
 _FALLBACK_WARNED: set[str] = set()
 
 
+def _register_pallas() -> None:
+  """Registers 'pallas' by importing the kernel package (raises what the import raises)."""
+  from pallas_kernels.gated_delta_rule import register
+
+  register()
+
+
 def default_implementation() -> str:
   """Name used when ``implementation=None``: 'pallas' on GPU/TPU, 'chunked' elsewhere.
 
@@ -60,9 +67,7 @@ def default_implementation() -> str:
     return "chunked"
   if "pallas" not in _IMPLEMENTATIONS:
     try:
-      from pallas_kernels.gated_delta_rule import register
-
-      register()
+      _register_pallas()
     except Exception as e:  # noqa: BLE001 - any import failure means: no kernels on this backend
       if platform not in _FALLBACK_WARNED:
         _FALLBACK_WARNED.add(platform)
@@ -73,7 +78,10 @@ def default_implementation() -> str:
 
 
 def get_gdn_implementation(name: str | None = None) -> GDNImplementation:
+  """The registered implementation ``name`` (None: the default); 'pallas' is loaded on first request."""
   name = default_implementation() if name is None else name
+  if name == "pallas" and name not in _IMPLEMENTATIONS:
+    _register_pallas()
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"gated_delta_rule: unknown implementation {name!r}; known: {list(available_implementations())}")
   return _IMPLEMENTATIONS[name]

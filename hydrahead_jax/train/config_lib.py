@@ -130,6 +130,7 @@ class Config:
 
 
 SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+TOP_LEVEL = ("workdir",)
 
 
 def _typecheck(obj, section: str) -> None:
@@ -137,7 +138,6 @@ def _typecheck(obj, section: str) -> None:
   hints = _hints(type(obj))
   for f in dataclasses.fields(obj):
     object.__setattr__(obj, f.name, _check_value(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name]))
-TOP_LEVEL = ("workdir",)
 
 
 # -- types ----------------------------------------------------------------------------------------

@@ -257,8 +257,6 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
     stack.callback(log.close)
     stack.callback(ckpt.close)
     # model, optimizer, state
-    if cfg.model.la_implementation == "pallas":
-      import pallas_kernels.gated_delta_rule  # noqa: F401,PLC0415  (registers implementation='pallas')
     model = create_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params = flatten_state(params_state)

@@ -23,9 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
-from hydrahead_jax.layers import rope_angles  # noqa: E402
-from hydrahead_jax import mixer  # noqa: E402
-from hydrahead_jax.mixer import HydraHeadMixer  # noqa: E402
+from hydrahead_jax.nn.layers import rope_angles  # noqa: E402
+from hydrahead_jax.nn.mixer import HydraHeadMixer  # noqa: E402
 from pallas_kernels.gated_delta_rule.bench import median_ms  # noqa: E402
 
 
@@ -58,15 +57,15 @@ def build(base: ModelConfig, num_fa_groups: int):
 
 def add_kernel_flags(ap: argparse.ArgumentParser) -> None:
   """--fusion-kernel / --conv-kernel: the mixer's optional Pallas kernels (auto = the model's default)."""
-  for flag, what in (("fusion", "fusion of head outputs (mixer.USE_FUSED_FUSION)"),
-                     ("conv", "short conv + SiLU + L2 norm (mixer.USE_CONV_KERNEL)")):
+  for flag, what in (("fusion", "fusion of head outputs (ModelConfig.fusion_implementation)"),
+                     ("conv", "short conv + SiLU + L2 norm (ModelConfig.conv_implementation)")):
     ap.add_argument(f"--{flag}-kernel", default="auto", choices=["auto", "on", "off"], help=f"Pallas kernel for {what}")
 
 
-def apply_kernel_flags(args) -> None:
-  choice = {"auto": None, "on": True, "off": False}
-  mixer.USE_FUSED_FUSION = choice[args.fusion_kernel]
-  mixer.USE_CONV_KERNEL = choice[args.conv_kernel]
+def apply_kernel_flags(args, cfg: ModelConfig) -> ModelConfig:
+  """``cfg`` with the kernel choices of --fusion-kernel / --conv-kernel."""
+  choice = {"auto": None, "on": "pallas", "off": "xla"}
+  return cfg.replace(fusion_implementation=choice[args.fusion_kernel], conv_implementation=choice[args.conv_kernel])
 
 
 def main() -> None:
@@ -78,10 +77,9 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   add_kernel_flags(ap)
   args = ap.parse_args()
-  apply_kernel_flags(args)
   if args.smoke:
     args.lengths, args.fwd_only_lengths = [128], [256]
-  base = mixer_config(args.smoke, args.gdn_impl)
+  base = apply_kernel_flags(args, mixer_config(args.smoke, args.gdn_impl))
   G = base.num_kv_heads
   layouts = {"7:1 (1 FA group)": 1, "all-FA": G}
   results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gdn_impl": args.gdn_impl,

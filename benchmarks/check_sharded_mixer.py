@@ -24,8 +24,8 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.bench_mixer import mixer_config  # noqa: E402
 from hydrahead_jax.config import HeadLayout  # noqa: E402
-from hydrahead_jax.layers import rope_angles  # noqa: E402
-from hydrahead_jax.mixer import HydraHeadMixer  # noqa: E402
+from hydrahead_jax.nn.layers import rope_angles  # noqa: E402
+from hydrahead_jax.nn.mixer import HydraHeadMixer  # noqa: E402
 from pallas_kernels.gated_delta_rule.bench import median_ms, rel_rmse  # noqa: E402
 
 

@@ -107,8 +107,7 @@ def main() -> None:
   ap.add_argument("--smoke", action="store_true")
   add_kernel_flags(ap)
   args = ap.parse_args()
-  apply_kernel_flags(args)
-  base = mixer_config(args.smoke)
+  base = apply_kernel_flags(args, mixer_config(args.smoke))
   n_fa = {"7:1": 1, "all-FA": base.num_kv_heads, "all-LA": 0}[args.layout]
   params, fwd, grad = build(base, n_fa)
   T = 128 if args.smoke else args.T

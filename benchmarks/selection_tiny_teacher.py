@@ -31,7 +31,7 @@ def train_teacher(args):
 
   from hydrahead_jax.config import ModelConfig
   from hydrahead_jax.data import ByteTokenizer, generate_example
-  from hydrahead_jax.model import HydraHeadLM
+  from hydrahead_jax.nn.model import HydraHeadLM
 
   tok = ByteTokenizer()
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,

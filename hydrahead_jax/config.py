@@ -130,7 +130,11 @@ class ModelConfig:
   la_conv_size: int = 4
   la_output_gate: bool = True
   la_chunk_size: int = 64
-  la_implementation: str | None = None  # None = automatic per backend
+  la_implementation: str | None = None  # GDN op: None = 'pallas' on GPU/TPU, else 'chunked' (ops registry)
+  # Kernel choices (None = automatic): they change numerics at the bf16 rounding level, so they are config fields,
+  # recorded in run configs and checkpoints and part of what jit sees. The choice is made from the default backend.
+  conv_implementation: str | None = None  # short conv + SiLU + L2 norm: 'pallas' | 'xla'; None = 'pallas' on GPU
+  fusion_implementation: str | None = None  # head fusion: 'pallas' | 'xla'; None = 'xla' (measured no faster)
   # numerics / compile
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
@@ -159,6 +163,9 @@ class ModelConfig:
       raise ValueError(f"model.remat: unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
     if self.fa_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"model.fa_implementation: {self.fa_implementation!r}; choose None (auto), 'xla' or 'cudnn'")
+    for name in ("conv_implementation", "fusion_implementation"):
+      if getattr(self, name) not in (None, "xla", "pallas"):
+        raise ValueError(f"model.{name}: {getattr(self, name)!r}; choose None (auto), 'xla' or 'pallas'")
     if self.la_conv_size < 1:
       raise ValueError(f"model.la_conv_size: must be >= 1, got {self.la_conv_size}")
     if self.la_chunk_size < 1:

@@ -7,8 +7,8 @@
 
 Other subcommands: ``layout`` (re-run a policy on a saved head_scores.json), ``probes`` (write probe sets as
 .npz, e.g. to score on a machine without the data stack: ``analyze --probes a.npz b.npz``).
-``--teacher``: ``smollm2``, a ``.gguf`` file, a HF directory (config.json + safetensors) or a model
-directory written by this CLI / checkpoint_io.
+``--teacher``: anything ``hydrahead_jax.interop.load`` reads: ``smollm2``, a ``.gguf`` file, a HF directory
+(config.json + safetensors) or a HydraHead model directory.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def _add_teacher(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-  from hydrahead_jax.selection.ckpt import load_any
+  from hydrahead_jax.interop.load import load
 
   t0 = time.perf_counter()
-  cfg, model, tok = load_any(args.teacher, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                             tokenizer=args.tokenizer)
+  cfg, model, tok = load(args.teacher, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                         tokenizer=args.tokenizer or True, progress=True)
   if any(cfg.num_fa_groups(l) != cfg.num_kv_heads for l in range(cfg.num_layers)):
     print(f"note: {args.teacher} is a hybrid model; only its FA heads have attention weights", file=sys.stderr)
   print(f"loaded {args.teacher}: {cfg.num_layers} layers x {cfg.num_heads} heads ({cfg.num_kv_heads} KV groups) "
@@ -75,7 +75,7 @@ def _layouts(scores, cfg, budget: str, names, seed: int, out_dir: str) -> dict:
 def cmd_probes(args) -> None:
   from hydrahead_jax.data.tokenizer import load_tokenizer
 
-  from hydrahead_jax.selection.ckpt import tokenizer_for
+  from hydrahead_jax.interop.load import tokenizer_for
 
   tok = tokenizer_for(args.teacher, args.tokenizer) if args.teacher else load_tokenizer(args.tokenizer)
   os.makedirs(args.out, exist_ok=True)
@@ -139,8 +139,8 @@ def cmd_layout(args) -> None:
 
 
 def cmd_convert(args) -> None:
-  from hydrahead_jax.selection.ckpt import save_model
-  from hydrahead_jax.selection.convert import calibration_batches, convert_teacher
+  from hydrahead_jax.interop.orbax import save_pretrained
+  from hydrahead_jax.transfer.convert import calibration_batches, convert_teacher
 
   cfg, model, tok = _load(args)
   if args.layout:
@@ -173,7 +173,7 @@ def cmd_convert(args) -> None:
   if hasattr(tok, "save") and not args.tokenizer:
     tok_path = os.path.join(os.path.abspath(args.out) + ".tokenizer.json")
     tok.save(tok_path)
-  path = save_model(student, args.out, extra={"conversion": _plain(rep), "tokenizer": args.tokenizer or tok_path})
+  path = save_pretrained(student, args.out, metadata={"conversion": _plain(rep), "tokenizer": args.tokenizer or tok_path})
   print(f"student: {rep['describe']}")
   for key in ("heldout", "heldout_free_running"):
     if key in rep:

@@ -37,10 +37,20 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def _active_mesh():
+  """The abstract mesh in effect while tracing (``jax.set_mesh``), or None: what layout decisions read."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return None
   return mesh
+
+
+def concrete_mesh(mesh=None):
+  """``mesh``, else the concrete mesh made active with ``jax.set_mesh`` (None when there is none): what placing
+  arrays on devices (``device_put``, restores) needs."""
+  if mesh is not None:
+    return mesh
+  active = jax.sharding.get_mesh()
+  return None if active is None or active.empty else active
 
 
 def rules_for_mesh(mesh=None, rules=LOGICAL_RULES):

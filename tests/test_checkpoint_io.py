@@ -11,11 +11,12 @@ from flax import nnx
 from jax.sharding import AxisType
 
 import hydrahead_jax
-from hydrahead_jax.checkpoint_io import (MANIFEST, SAFETENSORS_CONFIG, load_pretrained, save_hybrid_safetensors,
-                                         save_pretrained)
+from hydrahead_jax.interop.load import load, load_pretrained
+from hydrahead_jax.interop.orbax import MANIFEST, save_pretrained
+from hydrahead_jax.interop.safetensors import SAFETENSORS_CONFIG, save_hybrid_safetensors
 from hydrahead_jax.config import HeadLayout, ModelConfig
-from hydrahead_jax.hf import save_hf
-from hydrahead_jax.params import flat_names, model_from_flat, model_to_flat
+from hydrahead_jax.interop.hf import save_hf
+from hydrahead_jax.interop.names import flat_names, model_from_flat, model_to_flat
 
 HYBRID = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                      dtype="float32", la_chunk_size=8, layout=HeadLayout(((0,), (1,), ())))
@@ -142,12 +143,13 @@ def test_convert_cli(tmp_path, rng, capsys):
 
   teacher = random_model(TEACHER, rng, unit_fa_scale=True)
   save_hf(teacher, str(tmp_path / "hf"))
-  (tmp_path / "layout.json").write_text(HeadLayout(((1,), (), (0, 1))).to_json())
   assert main([str(tmp_path / "hf"), str(tmp_path / "orbax")]) == 0
   assert main([str(tmp_path / "orbax"), str(tmp_path / "hf2"), "--to", "hf", "--out-dtype", "bfloat16"]) == 0
-  assert main([str(tmp_path / "hf"), str(tmp_path / "st"), "--to", "safetensors",
-               "--layout", str(tmp_path / "layout.json")]) == 0
   assert "(all FA)" in capsys.readouterr().out
+  # a hybrid, made by the one loader, exported to the portable format by the CLI
+  _, hybrid, _ = load(str(tmp_path / "hf"), layout=HeadLayout(((1,), (), (0, 1))), tokenizer=False)
+  save_pretrained(hybrid, str(tmp_path / "hybrid"))
+  assert main([str(tmp_path / "hybrid"), str(tmp_path / "st"), "--to", "safetensors"]) == 0
   _, back = load_pretrained(str(tmp_path / "orbax"))
   _same(teacher, back)
   cfg, hf2 = load_pretrained(str(tmp_path / "hf2"))
@@ -155,6 +157,46 @@ def test_convert_cli(tmp_path, rng, capsys):
                              rtol=1e-2, atol=1e-2)
   cfg, student = load_pretrained(str(tmp_path / "st"))
   assert cfg.layout == HeadLayout(((1,), (), (0, 1)))
+  _same(student, hybrid)
   assert main([str(tmp_path / "st"), str(tmp_path / "hf3"), "--to", "hf"]) == 2
   assert "only all-FA" in capsys.readouterr().err
   assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_load_dispatch(tmp_path, rng):
+  """One loader: the tokenizer each source carries, restore-time overrides limited to numerics, layouts for
+  teachers only, a progress bar that counts every tensor."""
+  teacher = random_model(TEACHER, rng, unit_fa_scale=True)
+  save_hf(teacher, str(tmp_path / "hf"))
+  save_pretrained(teacher, str(tmp_path / "orbax"), metadata={"tokenizer": None})
+  cfg, model, tok = load(str(tmp_path / "orbax"), compute_dtype="bfloat16", remat="full")
+  assert (cfg.dtype, cfg.remat, type(tok).__name__) == ("bfloat16", "full", "ByteTokenizer")
+  _same(model, teacher)
+  with pytest.raises(ValueError, match="cannot override .*num_layers"):
+    load(str(tmp_path / "orbax"), num_layers=2)
+  with pytest.raises(ValueError, match="converts a teacher"):
+    load(str(tmp_path / "orbax"), layout=HeadLayout.all_la(3))
+
+  class Bar:
+    def __init__(self, **kw):
+      self.total, self.n = None, 0
+    def reset(self, total):
+      self.total, self.n = total, 0
+    def update(self, n=1):
+      self.n += n
+    def set_description(self, *a):
+      pass
+    def __enter__(self):
+      return self
+    def __exit__(self, *a):
+      pass
+
+  import tqdm
+  bars = []
+  orig = tqdm.tqdm
+  tqdm.tqdm = lambda **kw: bars.append(Bar(**kw)) or bars[-1]
+  try:
+    load(str(tmp_path / "hf"), tokenizer=False, progress=True)
+  finally:
+    tqdm.tqdm = orig
+  assert bars[0].total == len(flat_names(TEACHER)) and bars[0].n == bars[0].total

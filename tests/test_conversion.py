@@ -5,9 +5,9 @@ import numpy as np
 from flax import nnx
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
-from hydrahead_jax.conversion import convert_flat, student_config
-from hydrahead_jax.model import HydraHeadLM
-from hydrahead_jax.params import model_from_flat, model_to_flat
+from hydrahead_jax.transfer.surgery import convert_flat, student_config
+from hydrahead_jax.nn.model import HydraHeadLM
+from hydrahead_jax.interop.names import model_from_flat, model_to_flat
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=64,
                   dtype="float32", la_chunk_size=8)
@@ -17,7 +17,7 @@ def test_conversion_reuses_fa_heads_exactly(rng):
   teacher = HydraHeadLM(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   tflat = model_to_flat(teacher)
   tok = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
-  run = nnx.jit(lambda m, t: m(t, return_intermediates=("heads", "mixer_in")))
+  run = nnx.jit(lambda m, t: m.intermediates(t, ("heads", "mixer_in")))
   t_logits, t_inter = run(teacher, tok)
 
   # a permuted all-FA layout is still the teacher (W_o rows follow the heads)

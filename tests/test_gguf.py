@@ -12,11 +12,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hydrahead_jax.config import ModelConfig  # noqa: E402
-from hydrahead_jax.gguf_io import (GGUFTokenizer, hf_to_gguf_name, load_gguf, permute_rope_rows,  # noqa: E402
+from hydrahead_jax.data.tokenizer import GGUFTokenizer  # noqa: E402
+from hydrahead_jax.interop.gguf import (hf_to_gguf_name, load_gguf, permute_rope_rows,  # noqa: E402
                                    unpermute_rope_rows)
-from hydrahead_jax.hf import config_to_hf, flat_to_hf  # noqa: E402
-from hydrahead_jax.model import HydraHeadLM  # noqa: E402
-from hydrahead_jax.params import model_to_flat  # noqa: E402
+from hydrahead_jax.interop.hf import config_to_hf, flat_to_hf  # noqa: E402
+from hydrahead_jax.nn.model import HydraHeadLM  # noqa: E402
+from hydrahead_jax.interop.names import model_to_flat  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -106,7 +107,7 @@ def test_gguf_quantised_tensors_dequantise(tmp_path, rng):
 
 
 def test_header_parser_matches_gguf_reader(tmp_path, rng):
-  from hydrahead_jax.gguf_io import GGUFCheckpoint
+  from hydrahead_jax.interop.gguf import GGUFCheckpoint
 
   cfg, model = _random_model(rng, qk_norm=False, tie=False)
   path = str(tmp_path / "x.gguf")
@@ -210,20 +211,21 @@ def forward(model, ids):
 
 @pytest.fixture(scope="module")
 def smollm2():
-  from hydrahead_jax.teacher import load_smollm2, smollm2_gguf_path
+  from hydrahead_jax.interop.load import load
+  from hydrahead_jax.interop.smollm2 import smollm2_gguf_path
 
   try:
     smollm2_gguf_path()
   except FileNotFoundError as e:
     pytest.skip(str(e))
-  return load_smollm2(dtype="float32")
+  return load("smollm2", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def smollm2_hf(smollm2):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from hydrahead_jax.teacher import smollm2_gguf_path
+  from hydrahead_jax.interop.smollm2 import smollm2_gguf_path
 
   path = smollm2_gguf_path()
   # The published architecture, written out so transformers parses the GGUF once (for the weights) instead of
@@ -288,7 +290,7 @@ def test_smollm2_needle_greedy_matches_transformers(smollm2, smollm2_hf):
 
 @pytest.mark.parity
 def test_smollm2_generate_matches_transformers(smollm2, smollm2_hf):
-  from hydrahead_jax.teacher import generate
+  from hydrahead_jax.generate import generate
 
   cfg, model, tok = smollm2
   torch, ref = smollm2_hf

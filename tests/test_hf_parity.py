@@ -17,10 +17,10 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
-from hydrahead_jax.conversion import convert_flat  # noqa: E402
-from hydrahead_jax.hf import load_llama, load_pretrained_hf, load_qwen3, save_hf  # noqa: E402
+from hydrahead_jax.transfer.surgery import convert_flat  # noqa: E402
+from hydrahead_jax.interop.hf import load_llama, load_pretrained_hf, load_qwen3, save_hf  # noqa: E402
 from hydrahead_jax.ops import gated_delta_rule  # noqa: E402
-from hydrahead_jax.params import flat_names, model_from_flat, model_to_flat  # noqa: E402
+from hydrahead_jax.interop.names import flat_names, model_from_flat, model_to_flat  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4  # max abs logit difference in float32

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
-from hydrahead_jax.model import HydraHeadLM, create_model, plan_segments
-from hydrahead_jax.params import model_from_flat, model_to_flat
+from hydrahead_jax.nn.model import HydraHeadLM, create_model, plan_segments
+from hydrahead_jax.interop.names import model_from_flat, model_to_flat
 
 L, G = 4, 4
 BASE = dict(vocab_size=64, d_model=32, num_layers=L, num_heads=8, num_kv_heads=G, head_dim=8, mlp_dim=64,
@@ -93,7 +93,7 @@ def test_all_fa_mixer_equals_dense_reference(rng):
     if n.startswith("layers.0.") and ("norm.scale" in n or "fa_scale" in n):
       flat[n] = rng.uniform(0.5, 1.5, flat[n].shape).astype(np.float32)
   model = model_from_flat(cfg, flat)
-  _, logits_inter = nnx.jit(lambda m, t: m(t, return_intermediates=("mixer_in", "mixer_out")))(model, tokens(rng, 2, 12))
+  _, logits_inter = nnx.jit(lambda m, t: m.intermediates(t, ("mixer_in", "mixer_out")))(model, tokens(rng, 2, 12))
   # the model's own layer-0 mixer input/output vs a float64 numpy attention on the same input
   p0 = {k[len("layers.0."):]: v.astype(np.float64) for k, v in flat.items() if k.startswith("layers.0.")}
   ref = _dense_reference_layer(np.asarray(logits_inter["mixer_in"][0]), p0, cfg)
@@ -129,7 +129,7 @@ def test_scanned_equals_unrolled_and_flat_roundtrip(rng):
 def test_head_patch_and_intermediates(rng):
   model = make(LAYOUTS["head_mixed"])
   tok = tokens(rng)
-  run = nnx.jit(lambda m, t, p: m(t, head_patch=p, return_intermediates=("heads",)))
+  run = nnx.jit(lambda m, t, p: m.intermediates(t, ("heads",), head_patch=p))
   H = model.cfg.num_heads
   zero_mask = jnp.zeros((L, H))
   logits, inter = run(model, tok, (zero_mask, jnp.zeros((L, 2, 20, H, 8))))
@@ -164,19 +164,20 @@ def test_kernels_run_per_shard(rng, monkeypatch):
   batch rows and heads, the fusion kernel and cuDNN attention on their batch rows (shard_map), and the mixer's
   output and input gradient equal the unsharded ones."""
   import pallas_kernels.short_conv as conv_package
-  from hydrahead_jax import mixer as mixer_mod
-  from hydrahead_jax.layers import rope_angles
+  from hydrahead_jax.nn import attention as attention_mod, gated_deltanet as gdn_mod, mixer as mixer_mod
+  from hydrahead_jax.nn.layers import rope_angles
 
   cfg = ModelConfig(**{**BASE, "num_heads": 8, "num_kv_heads": 4, "layout": HeadLayout.per_layer(1, [2]),
-                       "num_layers": 1, "la_implementation": "pallas"})
+                       "num_layers": 1, "la_implementation": "pallas", "conv_implementation": "pallas",
+                       "fusion_implementation": "pallas"})
   layer = mixer_mod.HydraHeadMixer(cfg, 2, rngs=nnx.Rngs(int(rng.integers(1 << 30))))  # 4 FA + 4 LA heads
   B, T = 4, 16
   x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
   seg = jnp.asarray(np.cumsum(rng.random((B, T)) < 0.2, axis=1), jnp.int32)
   cos_sin = rope_angles(jnp.arange(T, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
   shapes = []
-  real_gdn, real_conv = mixer_mod.gated_delta_rule, conv_package.short_conv
-  monkeypatch.setattr(mixer_mod, "gated_delta_rule", lambda q, *a, **k: shapes.append(("gdn", q.shape)) or
+  real_gdn, real_conv = gdn_mod.gated_delta_rule, conv_package.short_conv
+  monkeypatch.setattr(gdn_mod, "gated_delta_rule", lambda q, *a, **k: shapes.append(("gdn", q.shape)) or
                       real_gdn(q, *a, **k))
   monkeypatch.setattr(conv_package, "short_conv", lambda x, *a, **k: shapes.append(("conv", x.shape)) or
                       real_conv(x, *a, **k))
@@ -184,11 +185,9 @@ def test_kernels_run_per_shard(rng, monkeypatch):
   real_fusion = fusion_package.fused_head_fusion
   monkeypatch.setattr(fusion_package, "fused_head_fusion", lambda o_fa, *a, **k: shapes.append(("fusion", o_fa.shape))
                       or real_fusion(o_fa, *a, **k))
-  monkeypatch.setattr(mixer_mod, "USE_CONV_KERNEL", True)
-  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
   # The cuDNN attention path (per batch-row shard on GPU), with XLA attention standing in for cuDNN on the CPU.
   real_attention = jax.nn.dot_product_attention
-  monkeypatch.setattr(mixer_mod, "attention_implementation", lambda *a: "cudnn")
+  monkeypatch.setattr(attention_mod, "attention_implementation", lambda *a: "cudnn")
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, implementation, **k: shapes.append(
       ("attention", q.shape, implementation)) or real_attention(q, *a, implementation="xla", **k))
 

@@ -1,4 +1,4 @@
-"""Tokenizers: a small protocol, a byte-level tokenizer and a wrapper for HF `tokenizer.json` files.
+"""Tokenizers: a small protocol, a byte-level tokenizer, HF `tokenizer.json` files and GGUF-embedded tokenizers.
 
 ``ByteTokenizer`` ids: 0..255 are the raw UTF-8 bytes, then pad (256), bos (257), eos (258) and
 ``NUM_MARKERS`` reserved marker ids (259..) for token-level synthetic tasks; the vocabulary is padded to
@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Protocol, Sequence, runtime_checkable
+
+from hydrahead_jax.interop.gguf import GGUFCheckpoint
 
 NUM_MARKERS = 8
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "[BOS]", "<bos>", "<|endoftext|>")
@@ -154,6 +157,92 @@ class HFTokenizer(TokenizersBacked):
     self.__init__(state["path"], *state["overrides"])
 
 
+# -- the tokenizer embedded in a GGUF file (``tokenizer.ggml.*`` metadata) -----------------------------
+
+# Pre-tokenizer splits by ``tokenizer.ggml.pre`` (as llama.cpp applies them before byte-level BPE).
+_DIGITS_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_RE, "llama3": _LLAMA3_RE, "llama-v3": _LLAMA3_RE, "qwen2": _QWEN2_RE}
+
+
+def _pre_tokenizer(pre: str | None):
+  from tokenizers import Regex, pre_tokenizers
+
+  if pre in _DIGITS_FIRST:
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  if pre in _SPLITS:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  if pre not in (None, "default", "gpt-2", "gpt2"):
+    warnings.warn(f"GGUF tokenizer: pre-tokenizer {pre!r} unknown here; using GPT-2 byte-level splitting")
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def tokenizer_from_gguf(ckpt: GGUFCheckpoint):
+  """A ``tokenizers.Tokenizer`` (byte-level BPE) from ``tokenizer.ggml.*`` metadata."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models
+
+  kind = ckpt.meta("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"GGUF {ckpt.path}: tokenizer type {kind!r} is not supported (only 'gpt2' byte-level BPE)")
+  tokens = ckpt.meta("tokenizer.ggml.tokens")
+  merges = ckpt.meta("tokenizer.ggml.merges", None)
+  if not merges:
+    raise ValueError(f"GGUF {ckpt.path}: byte-level BPE tokenizer without 'tokenizer.ggml.merges'")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+  tok.pre_tokenizer = _pre_tokenizer(ckpt.meta("tokenizer.ggml.pre", None))
+  tok.decoder = decoders.ByteLevel()
+  types = ckpt.meta("tokenizer.ggml.token_type", None) or []
+  special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+  user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+  if special:
+    tok.add_special_tokens(special)
+  if user:
+    tok.add_tokens(user)
+  return tok
+
+
+class GGUFTokenizer(TokenizersBacked):
+  """``hydrahead_jax.data.tokenizer.Tokenizer`` protocol over the tokenizer stored in a GGUF file."""
+
+  def __init__(self, path: str):
+    ckpt = path if isinstance(path, GGUFCheckpoint) else GGUFCheckpoint(path)
+    self.path = os.path.abspath(ckpt.path)
+    self._tok = tokenizer_from_gguf(ckpt)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    get = lambda k: None if ckpt.meta(k, None) is None else int(ckpt.meta(k))
+    self.bos_id = get("tokenizer.ggml.bos_token_id")
+    self.eos_id = get("tokenizer.ggml.eos_token_id")
+    pad = get("tokenizer.ggml.padding_token_id")
+    self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+    self.add_bos = bool(ckpt.meta("tokenizer.ggml.add_bos_token", False))
+    self.chat_template = ckpt.meta("tokenizer.chat_template", None)
+
+  @property
+  def backend(self):
+    """The underlying ``tokenizers.Tokenizer``."""
+    return self._tok
+
+  def info(self) -> dict[str, Any]:
+    return {"type": "gguf", "path": self.path, "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
+  def save(self, path: str) -> None:
+    """Writes a ``tokenizer.json`` (loadable with ``hydrahead_jax.data.load_tokenizer``)."""
+    self._tok.save(path)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["path"])
+
+
 def encode_many(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
   """Encodes each text separately (batched when the tokenizer supports it)."""
   if not texts:
@@ -168,9 +257,7 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
   if path is None:
     return ByteTokenizer()
   if str(path).endswith(".gguf"):
-    from hydrahead_jax.gguf_io import gguf_tokenizer  # local import: gguf_io imports the model stack
-
-    return gguf_tokenizer(path)
+    return GGUFTokenizer(path)
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   return HFTokenizer(path)

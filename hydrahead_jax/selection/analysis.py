@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from hydrahead_jax.params import model_to_flat
+from hydrahead_jax.interop.names import model_to_flat
 from hydrahead_jax.selection import crosschecks, patching, similarity
 from hydrahead_jax.selection.probes import ProbeSet
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydrahead_jax.layers import apply_rope, rms_normalize, rope_angles
+from hydrahead_jax.nn.layers import apply_rope, rms_normalize, rope_angles
 
 
 @functools.partial(jax.jit, static_argnames=("start", "heads_per_group", "qk_norm", "theta", "eps"))

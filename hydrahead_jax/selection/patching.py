@@ -52,7 +52,7 @@ def answer_stats(logits_BxAxV, targets_BxA, weights_BxA):
 @functools.partial(jax.jit, static_argnames=("graphdef", "start", "keep"))
 def _run(graphdef, state, tokens_BxS, targets_BxS, weights_BxS, *, start, keep):
   model = nnx.merge(graphdef, state)
-  logits, inter = model(tokens_BxS, return_intermediates=keep)
+  logits, inter = model.intermediates(tokens_BxS, keep) if keep else (model(tokens_BxS), {})
   m, ok = answer_stats(logits[:, start:], targets_BxS[:, start:], weights_BxS[:, start:])
   return m, ok, inter
 

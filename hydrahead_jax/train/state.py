@@ -2,7 +2,7 @@
 
 Keys are the model's state paths joined by dots (stacked segments keep their leading ``layers``
 axis). Flat string keys keep optax labels, Orbax checkpoints and shardings simple; ``leaf_names``
-maps each key to the canonical per-layer names of ``hydrahead_jax.params`` (``layers.{i}...``), which
+maps each key to the canonical per-layer names of ``hydrahead_jax.interop.names`` (``layers.{i}...``), which
 is what freezing and weight-decay patterns match.
 """
 
@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 
 from hydrahead_jax.config import ModelConfig
-from hydrahead_jax.model import plan_segments
+from hydrahead_jax.nn.model import plan_segments
 
 
 def _key(path: tuple) -> str:

@@ -8,18 +8,18 @@ number of distinct segments, not on depth; otherwise every layer is its own segm
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from hydrahead_jax.config import ModelConfig
-from hydrahead_jax.layers import Embedding, RMSNorm, SwiGLU, fan_in_normal, make_param, rope_angles
-from hydrahead_jax.mixer import HydraHeadMixer
+from hydrahead_jax.nn.layers import Embedding, RMSNorm, SwiGLU, fan_in_normal, make_param, rope_angles
+from hydrahead_jax.nn.mixer import HydraHeadMixer
 from hydrahead_jax.sharding import axis_rules, constrain, param_shardings
 
 ACT_NAMES = ("batch", "length", "embed")
+INTERMEDIATES = ("mixer_in", "mixer_out", "heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,23 +128,28 @@ class HydraHeadLM(nnx.Module):
 
     return scan_fn(stack, x, cos_sin, seg_ids, p)
 
-  def __call__(
-      self,
-      tokens_BxT: jax.Array,
-      segment_ids: jax.Array | None = None,
-      positions: jax.Array | None = None,
-      *,
-      head_patch: tuple[jax.Array, jax.Array] | None = None,
-      return_intermediates: tuple[str, ...] | bool = False,
-  ) -> Any:
+  def __call__(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, *, head_patch: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Logits [B, T, V] float32.
 
     segment_ids [B, T]: packed documents (attention and LA state never cross a change of id);
     positions [B, T]: RoPE positions (default: restart per segment, else 0..T-1).
     head_patch: (mask [L, H], values [L, B, T, H, K]) replaces raw head outputs (activation patching).
-    return_intermediates: True or names among ('mixer_in', 'mixer_out', 'heads'); returns
-      (logits, {name: [L, ...]}).
     """
+    return self._forward(tokens_BxT, segment_ids, positions, head_patch, ())[0]
+
+  def intermediates(self, tokens_BxT: jax.Array, names: tuple[str, ...] = INTERMEDIATES,
+                    segment_ids: jax.Array | None = None, positions: jax.Array | None = None, *,
+                    head_patch: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(logits, {name: [L, ...]}) for names among ``INTERMEDIATES``: each layer's mixer input
+    ('mixer_in' [L, B, T, D], the normed residual), mixer output ('mixer_out' [L, B, T, D]) and raw head
+    outputs before fusion ('heads' [L, B, T, H, K]). Arguments as ``__call__``."""
+    unknown = sorted(set(names) - set(INTERMEDIATES))
+    if unknown or not names:
+      raise ValueError(f"HydraHeadLM.intermediates: names {list(names)}; choose one or more of {INTERMEDIATES}")
+    return self._forward(tokens_BxT, segment_ids, positions, head_patch, tuple(names))
+
+  def _forward(self, tokens_BxT, segment_ids, positions, head_patch, keep):
     cfg = self.cfg
     if tokens_BxT.ndim != 2:
       raise ValueError(f"HydraHeadLM: tokens must be [B, T] int, got shape {tokens_BxT.shape}")
@@ -153,7 +158,6 @@ class HydraHeadLM(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
       else:
         positions = positions_from_segments(segment_ids)
-    keep = ("mixer_in", "mixer_out", "heads") if return_intermediates is True else tuple(return_intermediates or ())
     cos_sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     x = constrain(self.embed(tokens_BxT), ACT_NAMES)
     collected = []
@@ -166,8 +170,6 @@ class HydraHeadLM(nnx.Module):
     else:
       logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
-    if not keep:
-      return logits
     return logits, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
 
   def num_params(self) -> int:

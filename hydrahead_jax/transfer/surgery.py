@@ -1,6 +1,6 @@
 """Teacher (all-FA) -> HydraHead student weights with parameter reuse.
 
-Works on canonical flat names (``hydrahead_jax.params``). For each layer with FA groups ``F`` (sorted) and
+Works on canonical flat names (``hydrahead_jax.interop.names``). For each layer with FA groups ``F`` (sorted) and
 LA groups ``R`` (the rest, in order), the student's head order is ``heads(F) + heads(R)``:
 - FA groups keep the teacher's q/k/v, QK-norm and the matching W_o rows exactly;
 - each LA head takes the teacher's q slice of its own query head and a private copy of its group's k/v

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from hydrahead_jax.config import ModelConfig
-from hydrahead_jax.model import HydraHeadLM, abstract_model, plan_segments
+from hydrahead_jax.nn.model import HydraHeadLM, abstract_model, plan_segments
 from hydrahead_jax.sharding import param_pspecs
 
 
@@ -92,12 +92,13 @@ def _read(flat: Mapping | Callable, name: str, shape: tuple[int, ...]) -> np.nda
 
 
 def model_from_flat(
-    cfg: ModelConfig, flat: Mapping | Callable[[str], np.ndarray], *, mesh=None, strict: bool = True
+    cfg: ModelConfig, flat: Mapping | Callable[[str], np.ndarray], *, mesh=None, strict: bool = True, progress=None
 ) -> HydraHeadLM:
   """Builds a model from canonical-name tensors without a random init or a second full copy.
 
   Each tensor is read, cast to ``cfg.param_dtype`` and placed (sharded when ``mesh`` is given) one at a time.
   With ``strict``, extra names in a Mapping are an error (they would be silently ignored otherwise).
+  ``progress``: a tqdm-like bar, reset to the number of tensors and advanced per tensor read.
   """
   abstract = abstract_model(cfg, mesh)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -105,14 +106,20 @@ def model_from_flat(
   specs = param_pspecs(params, mesh).to_pure_dict() if mesh is not None else None
   dtype = jnp.dtype(cfg.param_dtype)
   used: set[str] = set()
-  for path, target in _flat_targets(cfg, pure):
+  targets = list(_flat_targets(cfg, pure))
+  if progress is not None:
+    progress.reset(total=sum(len(t) if isinstance(t, list) else 1 for _, t in targets))
+
+  def read(name, shape):
+    arr = _read(flat, name, shape)
+    used.add(name)
+    if progress is not None:
+      progress.update(1)
+    return arr
+
+  for path, target in targets:
     shape = tuple(_get(pure, path).shape)
-    if isinstance(target, list):
-      arr = np.stack([_read(flat, n, shape[1:]) for n in target])
-      used.update(target)
-    else:
-      arr = _read(flat, target, shape)
-      used.add(target)
+    arr = np.stack([read(n, shape[1:]) for n in target]) if isinstance(target, list) else read(target, shape)
     arr = arr.astype(dtype)
     if mesh is not None:
       value = jax.device_put(arr, jax.sharding.NamedSharding(mesh, _get(specs, path)))

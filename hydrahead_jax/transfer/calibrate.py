@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hydrahead_jax.conversion import head_order
-from hydrahead_jax.layers import rms_normalize, rope_angles
-from hydrahead_jax.params import load_flat_into, model_from_flat, model_to_flat
+from hydrahead_jax.transfer.surgery import head_order
+from hydrahead_jax.nn.layers import rms_normalize, rope_angles
+from hydrahead_jax.interop.names import load_flat_into, model_from_flat, model_to_flat
 
 INPUTS = ("teacher", "student")
 
@@ -40,7 +40,7 @@ INPUTS = ("teacher", "student")
 def _teacher_ms(graphdef, state, tokens_BxT):
   """Sum over tokens of raw head outputs squared: [L, H, K]."""
   model = nnx.merge(graphdef, state)
-  _, inter = model(tokens_BxT, return_intermediates=("heads",))
+  _, inter = model.intermediates(tokens_BxT, ("heads",))
   h = inter["heads"].astype(jnp.float32)
   return jnp.sum(h * h, axis=(1, 2))
 
@@ -62,7 +62,7 @@ def _student_ms(graphdef, state, tokens_BxT, gates, *, meta, eps):
   outputs; ``gates[l] = (w_z, z_bias)`` when ``gated``.
   """
   model = nnx.merge(graphdef, state)
-  _, inter = model(tokens_BxT, return_intermediates=("heads", "mixer_in"))
+  _, inter = model.intermediates(tokens_BxT, ("heads", "mixer_in"))
   return [None if not count else
           _gated_norm_ms(inter["heads"][l][:, :, first:first + count], inter["mixer_in"][l],
                          gates[l] if gated else None, eps)
@@ -73,7 +73,7 @@ def _student_ms(graphdef, state, tokens_BxT, gates, *, meta, eps):
 def _teacher_run(graphdef, state, tokens_BxT):
   """Teacher's layer inputs [L, B, T, D] and sum over tokens of squared raw head outputs [L, H, K]."""
   model = nnx.merge(graphdef, state)
-  _, inter = model(tokens_BxT, return_intermediates=("heads", "mixer_in"))
+  _, inter = model.intermediates(tokens_BxT, ("heads", "mixer_in"))
   h = inter["heads"].astype(jnp.float32)
   return inter["mixer_in"], jnp.sum(h * h, axis=(1, 2))
 

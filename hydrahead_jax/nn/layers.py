@@ -14,6 +14,7 @@ from flax import nnx
 from hydrahead_jax.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+HEADS_NAMES = ("batch", "length", "heads", "head_dim")  # logical names of per-head activations [B, T, H, K]
 
 
 def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
@@ -38,6 +39,16 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   x32 = x.astype(jnp.float32)
   return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def project(x_BxTxD: jax.Array, weights: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
+  """{name: x @ W} for W [D, ...] -> [B, T, ...], one einsum per weight.
+
+  Concatenating the weights into one GEMM was measured slower on an H100 (128K-token 7:1 layer fwd+bwd:
+  matmul time 21 -> 32 ms, XLA picked transposed layouts for the sliced outputs), so each keeps its own.
+  """
+  return {name: jnp.einsum("btd,dn->btn", x_BxTxD, w.reshape(w.shape[0], -1).astype(dtype)).reshape(
+      *x_BxTxD.shape[:2], *w.shape[1:]) for name, w in weights.items()}
 
 
 class RMSNorm(nnx.Module):

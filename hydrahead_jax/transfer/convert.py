@@ -7,9 +7,9 @@ from typing import Sequence
 import numpy as np
 
 from hydrahead_jax.config import HeadLayout
-from hydrahead_jax.conversion import convert_flat, student_config
-from hydrahead_jax.params import model_from_flat, model_to_flat
-from hydrahead_jax.selection.calibrate import calibrate_fusion, rms_match
+from hydrahead_jax.transfer.surgery import convert_flat, student_config
+from hydrahead_jax.interop.names import model_from_flat, model_to_flat
+from hydrahead_jax.transfer.calibrate import calibrate_fusion, rms_match
 
 
 def calibration_batches(tokenizer, *, num: int, length: int, batch_size: int, seed: int,

@@ -5,7 +5,7 @@ Import reads ``config.json`` and one or several ``*.safetensors`` files (sharded
 ``params.model_from_flat`` straight into the target dtype (and sharding, given a mesh): no random init and
 no second full copy. Export writes an all-FA model back as HF safetensors + ``config.json``.
 
-Name mapping (HF [out, in] matrices -> canonical names, ``hydrahead_jax.params``):
+Name mapping (HF [out, in] matrices -> canonical names, ``hydrahead_jax.interop.names``):
 
   model.embed_tokens.weight [V, D]                   -> embed.embedding [V, D]
   model.norm.weight [D]                              -> final_norm.scale
@@ -33,10 +33,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
+from hydrahead_jax.interop.safetensors import SafetensorsCheckpoint, save_safetensors_sharded, to_np_dtype
+from hydrahead_jax.sharding import concrete_mesh
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the model does not need.
 _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|.*\.rotary_emb\..*)$")
 
@@ -236,7 +237,7 @@ class _LayerConverter:
     self.cfg, self.get, self.cached = student, teacher_get, (None, None)
 
   def __call__(self, name: str) -> np.ndarray:
-    from hydrahead_jax.conversion import convert_layer
+    from hydrahead_jax.transfer.surgery import convert_layer
 
     m = re.match(r"layers\.(\d+)\.(mixer\..*)$", name)
     if not m:
@@ -251,82 +252,25 @@ class _LayerConverter:
     return self.cached[1][rest]
 
 
-def resolve_mesh(mesh=None):
-  """``mesh``, else the concrete mesh made active with ``jax.set_mesh`` (None when there is none)."""
-  if mesh is not None:
-    return mesh
-  import jax
-
-  get = getattr(jax.sharding, "get_mesh", None)
-  active = get() if get is not None else None
-  return None if active is None or active.empty else active
-
-
 def model_from_hf_tensors(cfg: ModelConfig, get_hf: Getter, *, layout: HeadLayout | None = None, mesh=None,
-                          source: str = "checkpoint", **student_overrides):
+                          source: str = "checkpoint", progress=None, **student_overrides):
   """Builds (config, model) from HF-named tensors: the teacher, or with ``layout`` a converted student."""
-  from hydrahead_jax.params import model_from_flat
+  from hydrahead_jax.interop.names import model_from_flat
 
-  mesh = resolve_mesh(mesh)
+  mesh = concrete_mesh(mesh)
   teacher_get = teacher_getter(cfg, get_hf, source)
   if layout is None:
     if student_overrides:
       cfg = cfg.replace(**student_overrides)
-    return cfg, model_from_flat(cfg, teacher_get, mesh=mesh)
-  from hydrahead_jax.conversion import student_config
+    return cfg, model_from_flat(cfg, teacher_get, mesh=mesh, progress=progress)
+  from hydrahead_jax.transfer.surgery import student_config
 
   student = student_config(cfg, layout, **student_overrides)
-  return student, model_from_flat(student, _LayerConverter(student, teacher_get), mesh=mesh)
-
-
-# -- safetensors reading ----------------------------------------------------------------------------
-
-
-class SafetensorsCheckpoint:
-  """Lazy reader over one or several safetensors files: ``get(name)`` reads a single tensor."""
-
-  def __init__(self, path: str):
-    from safetensors import safe_open
-
-    self.path = path
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: no 'weight_map' object")
-      files = sorted(set(weight_map.values()))
-    else:
-      files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
-      if not files:
-        raise FileNotFoundError(f"HF checkpoint: no *.safetensors files (and no {INDEX_FILE}) in {path}")
-      weight_map = None
-    self._files = {}
-    for fname in files:
-      full = os.path.join(path, fname)
-      if not os.path.isfile(full):
-        raise FileNotFoundError(f"HF checkpoint: {INDEX_FILE} names {fname}, which is missing in {path}")
-      self._files[fname] = safe_open(full, framework="numpy")
-    if weight_map is None:
-      weight_map = {k: fname for fname, h in self._files.items() for k in h.keys()}
-    self.weight_map: dict[str, str] = dict(weight_map)
-
-  def keys(self) -> list[str]:
-    return list(self.weight_map)
-
-  def dtypes(self) -> set[str]:
-    return {self._files[f].get_slice(k).get_dtype() for k, f in self.weight_map.items()}
-
-  def get(self, name: str) -> np.ndarray:
-    if name not in self.weight_map:
-      raise KeyError(name)
-    return self._files[self.weight_map[name]].get_tensor(name)
-
-  __call__ = get
+  return student, model_from_flat(student, _LayerConverter(student, teacher_get), mesh=mesh, progress=progress)
 
 
 def load_pretrained_hf(path: str, *, dtype: str = "float32", compute_dtype: str | None = None,
-                       layout: HeadLayout | None = None, mesh=None, **config_overrides):
+                       layout: HeadLayout | None = None, mesh=None, progress=None, **config_overrides):
   """A HF checkpoint directory -> (config, model), dispatching on ``config.json``'s ``model_type``.
 
   Args:
@@ -334,9 +278,10 @@ def load_pretrained_hf(path: str, *, dtype: str = "float32", compute_dtype: str 
     dtype: parameter dtype the weights are cast to while loading (bf16 and f32 files both work).
     compute_dtype: activation dtype (default ``dtype``).
     layout: None = the teacher (all FA); a ``HeadLayout`` = a converted student (FA groups keep the
-      teacher's weights, LA heads start from their q/k/v slices; see ``hydrahead_jax.conversion``).
+      teacher's weights, LA heads start from their q/k/v slices; see ``hydrahead_jax.transfer.surgery``).
     mesh: place every parameter directly with its sharding on this mesh (default: the mesh made active
       with ``jax.set_mesh``, if any).
+    progress: a tqdm-like bar advanced per tensor.
     config_overrides: other ``ModelConfig`` fields (``scan_layers``, ``remat``, ``fusion``, ...).
   """
   if not os.path.isdir(path):
@@ -345,7 +290,8 @@ def load_pretrained_hf(path: str, *, dtype: str = "float32", compute_dtype: str 
   cfg = config_from_hf(hf, dtype=dtype, compute_dtype=compute_dtype)
   ckpt = SafetensorsCheckpoint(path)
   check_extra_tensors(cfg, ckpt.keys(), source=path)
-  return model_from_hf_tensors(cfg, ckpt.get, layout=layout, mesh=mesh, source=path, **config_overrides)
+  return model_from_hf_tensors(cfg, ckpt.get, layout=layout, mesh=mesh, source=path, progress=progress,
+                               **config_overrides)
 
 
 def _load_typed(model_type: str):
@@ -374,7 +320,7 @@ def flat_to_hf(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
   for i in range(cfg.num_layers):
     if cfg.layout.fa_groups[i] != tuple(range(cfg.num_kv_heads)):
       raise ValueError(f"HF export: layer {i} has LA heads (layout {cfg.layout.describe(cfg.num_kv_heads)}); "
-                       "only all-FA models export to HF. Export hybrids with checkpoint_io.save_hybrid_safetensors "
+                       "only all-FA models export to HF. Export hybrids with interop.safetensors.save_hybrid_safetensors "
                        "(CLI: --to safetensors)")
   if cfg.fusion == "rmsnorm_all":
     raise ValueError("HF export: fusion='rmsnorm_all' normalises FA heads, which HF Qwen3/Llama cannot express")
@@ -395,58 +341,16 @@ def flat_to_hf(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
   return out
 
 
-def save_safetensors_sharded(tensors: Mapping[str, np.ndarray], path: str, *, base: str = "model",
-                             max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None,
-                             progress: Callable[[int], None] | None = None) -> list[str]:
-  """Writes ``base.safetensors`` (or ``base-0000k-of-0000n.safetensors`` + index) and returns the files."""
-  from safetensors.numpy import save_file
-
-  shards, cur, size = [], {}, 0
-  for k in tensors:
-    nbytes = tensors[k].nbytes
-    if cur and size + nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, size = {}, 0
-    cur[k] = tensors[k]
-    size += nbytes
-  shards.append(cur)
-  os.makedirs(path, exist_ok=True)
-  meta = {"format": "np", **(metadata or {})}
-  if len(shards) == 1:
-    names = [f"{base}.safetensors"]
-  else:
-    names = [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  for fname, shard in zip(names, shards):
-    save_file({k: np.ascontiguousarray(v) for k, v in shard.items()}, os.path.join(path, fname), metadata=meta)
-    if progress is not None:
-      progress(len(shard))
-  if len(shards) > 1:
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
-             "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
-    with open(os.path.join(path, f"{base}.safetensors.index.json"), "w") as f:
-      json.dump(index, f, indent=1)
-  return names
-
-
 def save_hf(model, path: str, *, dtype: str | None = None, max_shard_bytes: int = 2 << 30,
             progress: Callable[[int], None] | None = None) -> None:
   """Exports an all-FA model as a transformers checkpoint (config.json + safetensors) in ``dtype``
   (default: the parameter dtype)."""
-  from hydrahead_jax.params import model_to_flat
+  from hydrahead_jax.interop.names import model_to_flat
 
   cfg = model.cfg
   dtype = dtype or cfg.param_dtype
-  np_dtype = _np_dtype(dtype)
+  np_dtype = to_np_dtype(dtype)
   tensors = {k: v.astype(np_dtype) for k, v in flat_to_hf(model_to_flat(model), cfg).items()}
   save_safetensors_sharded(tensors, path, max_shard_bytes=max_shard_bytes, progress=progress)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_hf(cfg, torch_dtype=str(np.dtype(np_dtype).name)), f, indent=2)
-
-
-def _np_dtype(name: str):
-  import jax.numpy as jnp
-
-  try:
-    return np.dtype(jnp.dtype(name))
-  except TypeError as e:
-    raise ValueError(f"dtype: not a dtype: {name!r}") from e

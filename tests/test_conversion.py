@@ -1,16 +1,18 @@
-"""Teacher -> student conversion: exact FA reuse and head permutation."""
+"""Teacher -> student conversion: exact FA reuse, head permutation and LA parameter reuse, on every layer."""
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
-from hydrahead_jax.transfer.surgery import convert_flat, student_config
-from hydrahead_jax.nn.model import HydraHeadLM
 from hydrahead_jax.interop.names import model_from_flat, model_to_flat
+from hydrahead_jax.nn.layers import rope_angles
+from hydrahead_jax.nn.model import HydraHeadLM
+from hydrahead_jax.transfer.surgery import convert_flat, head_order, student_config
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8, mlp_dim=64,
-                  dtype="float32", la_chunk_size=8)
+                  dtype="float32", la_chunk_size=8, scan_layers=False)
+R = CFG.heads_per_group
 
 
 def test_conversion_reuses_fa_heads_exactly(rng):
@@ -27,13 +29,23 @@ def test_conversion_reuses_fa_heads_exactly(rng):
   layout = HeadLayout(((2,), (0, 3), ()))
   scfg = student_config(CFG, layout)
   student = model_from_flat(scfg, convert_flat(tflat, scfg))
-  # feed the teacher's layer inputs: FA heads of the student reproduce the teacher's per-head outputs
-  for layer, groups in enumerate(layout.fa_groups):
-    heads = [g * 2 + j for g in groups for j in range(2)]
-    if not heads:
-      continue
-    _, s_inter = run(student, tok)
-    if layer == 0:  # layer 0 input is identical (same embeddings), so outputs must match exactly
-      np.testing.assert_allclose(s_inter["heads"][0, :, :, : len(heads)], t_inter["heads"][0][:, :, heads], atol=1e-5)
-  la_wq = model_to_flat(student)["layers.0.mixer.la.wq"]
-  np.testing.assert_array_equal(la_wq, tflat["layers.0.mixer.fa.wq"][:, [0, 1, 2, 3, 6, 7]])
+  sflat = model_to_flat(student)
+  cos_sin = rope_angles(jnp.arange(16, dtype=jnp.int32)[None], CFG.head_dim, CFG.rope_theta)
+  checked_fa = 0
+  for layer in range(CFG.num_layers):
+    fa_heads, la_heads = head_order(layout, layer, CFG.num_kv_heads, R)
+    p = f"layers.{layer}."
+    # every layer: fed the teacher's layer input, the student's FA heads reproduce the teacher's per-head outputs
+    _, raw = student.segments[layer].mixer(t_inter["mixer_in"][layer], cos_sin, None)
+    if len(fa_heads):
+      np.testing.assert_allclose(raw[:, :, : len(fa_heads)], t_inter["heads"][layer][:, :, fa_heads], atol=1e-5,
+                                 err_msg=f"layer {layer}")
+      checked_fa += 1
+    # LA heads take their own q slice and their group's k/v; W_o rows follow the new head order
+    np.testing.assert_array_equal(sflat[p + "mixer.la.wq"], tflat[p + "mixer.fa.wq"][:, la_heads])
+    np.testing.assert_array_equal(sflat[p + "mixer.la.wk"], tflat[p + "mixer.fa.wk"][:, la_heads // R])
+    np.testing.assert_array_equal(sflat[p + "mixer.la.wv"], tflat[p + "mixer.fa.wv"][:, la_heads // R])
+    np.testing.assert_array_equal(sflat[p + "mixer.wo"], tflat[p + "mixer.wo"][np.concatenate([fa_heads, la_heads])])
+    for name in ("attn_norm.scale", "mlp_norm.scale", "mlp.w_gate", "mlp.w_up", "mlp.w_down"):
+      np.testing.assert_array_equal(sflat[p + name], tflat[p + name])
+  assert checked_fa == 2

@@ -8,9 +8,10 @@ import os
 
 import numpy as np
 import pytest
+from optional import optional_import
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = optional_import("torch")
+transformers = optional_import("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -8,75 +8,51 @@ reading one tensor at a time (lazy mappings stay lazy), straight into the parame
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from hydrahead_jax.config import ModelConfig
-from hydrahead_jax.nn.model import HydraHeadLM, abstract_model, plan_segments
+from hydrahead_jax.nn.model import HydraHeadLM, Segment, abstract_model, plan_segments
 from hydrahead_jax.sharding import param_pspecs
 
 
-def _walk(tree, prefix=()) -> Iterator[tuple[tuple, object]]:
-  if isinstance(tree, Mapping):
-    for k, v in tree.items():
-      yield from _walk(v, prefix + (k,))
-  else:
-    yield prefix, tree
+def canonical_names(plan: Sequence[Segment], path: Sequence) -> tuple[str, ...]:
+  """The canonical name(s) of the parameter at state ``path`` (a tuple of keys, or a dotted string's parts):
+  one per layer of a stacked segment (leading ``layers`` axis), else one. ``plan``: ``plan_segments(cfg)``."""
+  path = tuple(str(p) for p in path)
+  if path[0] != "segments":
+    return (".".join(path),)
+  seg = plan[int(path[1])]
+  inner = ".".join(path[2:])
+  names = tuple(f"layers.{seg.start + j}.{inner}" for j in range(seg.length))
+  return names if seg.stacked else names[:1]
 
 
-def _flat_targets(cfg: ModelConfig, pure: Mapping) -> Iterator[tuple[tuple, str | list[str]]]:
-  """(state path, flat name or per-layer flat names) for every leaf of a model's pure state dict."""
+def _leaves(cfg: ModelConfig, pure: Mapping) -> Iterator[tuple[tuple, object, tuple[str, ...], bool]]:
+  """(state path, leaf, canonical names, stacked) for every leaf of a model's pure state dict."""
   plan = plan_segments(cfg)
-  for path, _ in _walk(pure):
-    if path[0] == "segments":
-      seg = plan[int(path[1])]
-      inner = ".".join(str(p) for p in path[2:])
-      names = [f"layers.{seg.start + j}.{inner}" for j in range(seg.length)]
-      yield path, names if seg.stacked else names[0]
-    else:
-      yield path, ".".join(str(p) for p in path)
-
-
-def _get(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree, path, value):
-  for p in path[:-1]:
-    tree = tree[p]
-  tree[path[-1]] = value
+  for path, leaf in traverse_util.flatten_dict(pure).items():
+    stacked = str(path[0]) == "segments" and plan[int(path[1])].stacked
+    yield path, leaf, canonical_names(plan, path), stacked
 
 
 def flat_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Every canonical name with its (per-layer) shape, for a config."""
-  abstract = abstract_model(cfg)
-  pure = nnx.state(abstract, nnx.Param).to_pure_dict()
-  out = {}
-  for path, target in _flat_targets(cfg, pure):
-    shape = tuple(_get(pure, path).shape)
-    if isinstance(target, list):
-      out.update({n: shape[1:] for n in target})
-    else:
-      out[target] = shape
-  return out
+  pure = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+  return {n: tuple(leaf.shape[1:] if stacked else leaf.shape)
+          for _, leaf, names, stacked in _leaves(cfg, pure) for n in names}
 
 
 def model_to_flat(model: HydraHeadLM) -> dict[str, np.ndarray]:
   """All parameters as host numpy arrays under canonical names."""
-  pure = nnx.state(model, nnx.Param).to_pure_dict()
   out: dict[str, np.ndarray] = {}
-  for path, target in _flat_targets(model.cfg, pure):
-    arr = np.asarray(jax.device_get(_get(pure, path)))
-    if isinstance(target, list):
-      out.update({n: arr[j] for j, n in enumerate(target)})
-    else:
-      out[target] = arr
+  for _, leaf, names, stacked in _leaves(model.cfg, nnx.state(model, nnx.Param).to_pure_dict()):
+    arr = np.asarray(jax.device_get(leaf))
+    out.update({n: arr[j] for j, n in enumerate(names)} if stacked else {names[0]: arr})
   return out
 
 
@@ -103,12 +79,12 @@ def model_from_flat(
   abstract = abstract_model(cfg, mesh)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   pure = params.to_pure_dict()
-  specs = param_pspecs(params, mesh).to_pure_dict() if mesh is not None else None
+  specs = traverse_util.flatten_dict(param_pspecs(params, mesh).to_pure_dict()) if mesh is not None else None
   dtype = jnp.dtype(cfg.param_dtype)
   used: set[str] = set()
-  targets = list(_flat_targets(cfg, pure))
+  leaves = list(_leaves(cfg, pure))
   if progress is not None:
-    progress.reset(total=sum(len(t) if isinstance(t, list) else 1 for _, t in targets))
+    progress.reset(total=sum(len(names) for _, _, names, _ in leaves))
 
   def read(name, shape):
     arr = _read(flat, name, shape)
@@ -117,19 +93,17 @@ def model_from_flat(
       progress.update(1)
     return arr
 
-  for path, target in targets:
-    shape = tuple(_get(pure, path).shape)
-    arr = np.stack([read(n, shape[1:]) for n in target]) if isinstance(target, list) else read(target, shape)
-    arr = arr.astype(dtype)
-    if mesh is not None:
-      value = jax.device_put(arr, jax.sharding.NamedSharding(mesh, _get(specs, path)))
-    else:
-      value = jnp.asarray(arr)
-    _set(pure, path, value)
+  values = {}
+  for path, leaf, names, stacked in leaves:
+    shape = tuple(leaf.shape)
+    arr = (np.stack([read(n, shape[1:]) for n in names]) if stacked else read(names[0], shape)).astype(dtype)
+    values[path] = (jax.device_put(arr, jax.sharding.NamedSharding(mesh, specs[path])) if mesh is not None
+                    else jnp.asarray(arr))
   if strict and isinstance(flat, Mapping):
     extra = sorted(set(flat) - used)
     if extra:
       raise ValueError(f"checkpoint has tensors the model does not use: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+  pure = traverse_util.unflatten_dict(values)
   params.replace_by_pure_dict(pure)
   return nnx.merge(graphdef, params, rest)
 

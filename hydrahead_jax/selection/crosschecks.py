@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from hydrahead_jax.nn.layers import apply_rope, rms_normalize, rope_angles
 
@@ -102,32 +103,13 @@ class RetrievalScorer:
 
 
 # -- rank agreement ------------------------------------------------------------------------------------
-def rankdata(x: np.ndarray) -> np.ndarray:
-  """Ranks (1-based) with ties given their average rank."""
-  x = np.asarray(x, np.float64)
-  order = np.argsort(x, kind="mergesort")
-  ranks = np.empty(len(x))
-  sx = x[order]
-  i = 0
-  while i < len(x):
-    j = i
-    while j + 1 < len(x) and sx[j + 1] == sx[i]:
-      j += 1
-    ranks[order[i:j + 1]] = (i + j) / 2 + 1
-    i = j + 1
-  return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman rank correlation over the entries finite in both (NaN if fewer than 3)."""
+  """Spearman rank correlation over the entries finite in both (NaN if fewer than 3 or a constant side)."""
   a, b = np.ravel(a), np.ravel(b)
   ok = np.isfinite(a) & np.isfinite(b)
-  if ok.sum() < 3:
+  if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
     return float("nan")
-  ra, rb = rankdata(a[ok]), rankdata(b[ok])
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-  return float((ra * rb).sum() / den) if den > 0 else float("nan")
+  return float(scipy.stats.spearmanr(a[ok], b[ok]).statistic)
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:

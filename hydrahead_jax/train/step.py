@@ -14,9 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hydrahead_jax.train.state import global_norm, merge
+from hydrahead_jax.train.state import merge
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
+
+
+def _f32(tree):
+  """Norms accumulate in float32 whatever the parameter dtype."""
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def loss_weights(batch, answer_weight: float) -> jax.Array:
@@ -86,8 +91,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     loss = stats["ce_sum"] / jnp.maximum(stats["tokens"], 1.0)
-    grad_norm = global_norm(grads)
-    param_norm = global_norm(new_params)
+    grad_norm = optax.global_norm(_f32(grads))
+    param_norm = optax.global_norm(_f32(new_params))
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {

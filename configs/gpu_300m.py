@@ -19,7 +19,7 @@ def get_config() -> Config:
   model = ModelConfig(
       vocab_size=320, d_model=1024, num_layers=layers, num_heads=16, num_kv_heads=8, head_dim=64,
       mlp_dim=2816, layout=HeadLayout.per_layer(layers, [0]), qk_norm=True, rope_theta=500_000.0,
-      la_chunk_size=64, la_implementation="chunked", dtype="bfloat16", param_dtype="float32",
+      la_chunk_size=64, dtype="bfloat16", param_dtype="float32",  # kernels: the automatic choice (Pallas on GPU)
       remat="none", scan_layers=True)
   data = DataConfig(seq_len=2048, batch_size=16, seed=0, read_threads=4, prefetch_buffer=4)
   return Config(

@@ -1,0 +1,25 @@
+"""Shipped configs load, and the GPU ones leave kernel choices automatic (a pinned pure-JAX path is ~10x slower)."""
+
+import glob
+import os
+
+import pytest
+
+from hydrahead_jax.train import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
+KERNEL_FIELDS = ("fa_implementation", "la_implementation", "conv_implementation", "fusion_implementation")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_loads(path):
+  cfg = config_lib.load(path)
+  model = getattr(cfg, "model", None)
+  if model is not None and os.path.basename(path).startswith(("gpu_", "smollm2")):
+    pinned = {f: getattr(model, f) for f in KERNEL_FIELDS if getattr(model, f) is not None}
+    assert not pinned, f"{path}: GPU configs take the automatic kernel choice, but pin {pinned}"
+
+
+def test_gpu_config_exists():
+  assert any(os.path.basename(p).startswith("gpu_") for p in CONFIGS)

@@ -27,11 +27,17 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from hydrahead_jax.cli import UserError
 from hydrahead_jax.data import synthetic
 from hydrahead_jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 EVAL_INDEX_OFFSET = 1 << 32  # eval examples never coincide with training indices (< 10**9)
 MANIFEST = "manifest.json"
+SCAN_TOKENS = 1 << 26  # token ids checked before training (all of a source up to ~64M tokens)
+
+
+class DataSourceError(UserError, ValueError):
+  """Unusable training data; one line naming the file, what is wrong and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +187,132 @@ def shift_rows(tokens: np.ndarray, segs: np.ndarray, pos: np.ndarray, answer: np
       "loss_mask": same.astype(np.float32),
       "answer_mask": ((answer[:, 1:] > 0) & same).astype(np.float32),
   }
+
+
+# -- validation (before the first step) -----------------------------------------------------------
+def validate_source(cfg: DataConfig, vocab_size: int, scan_tokens: int = SCAN_TOKENS) -> None:
+  """Raises ``DataSourceError`` (one line) unless the data source can feed a model of ``vocab_size``.
+
+  Synthetic data: the tokenizer fits the vocabulary. Prepared data (``prepare``): the directory and
+  its manifest exist and parse, every listed shard exists and holds the listed number of documents,
+  the totals add up, the tokenizer matches and fits, and the token ids of the first ``scan_tokens``
+  tokens (spread over the shards; all of them when the source is smaller) lie in ``[0, vocab_size)``.
+  """
+  shards = _check_prepared(cfg.source) if cfg.source != "synthetic" else []
+  try:
+    tok = resolve_tokenizer(cfg)
+  except (ValueError, OSError) as e:
+    raise DataSourceError(f"data: {e}") from None
+  where = "the tokenizer" if cfg.source == "synthetic" else f"the tokenizer of {cfg.source!r}"
+  if tok.vocab_size > vocab_size:
+    raise DataSourceError(f"model.vocab_size={vocab_size} is smaller than the vocabulary of {where} "
+                          f"({tok.vocab_size}); token ids would fall outside the embedding table")
+  special = {k: v for k, v in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id))
+             if v is not None and not 0 <= v < vocab_size}
+  if special:
+    raise DataSourceError(f"special token id(s) of {where} outside model.vocab_size={vocab_size}: "
+                          + ", ".join(f"{k}={v}" for k, v in special.items()))
+  budget = max(scan_tokens, 0) // max(len(shards), 1)  # per shard; unspent budget carries over
+  spent = 0
+  for i, s in enumerate(shards):
+    spent += _scan_ids(s, vocab_size, budget * (i + 1) - spent, _redo(cfg.source))
+
+
+def _redo(path: str) -> str:
+  return f"re-create it with `python -m hydrahead_jax.data.prepare --inputs ... --out {path} --overwrite`"
+
+
+def _reader(file: str, redo: str):
+  from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+  try:
+    return ArrayRecordReader(file)
+  except Exception as e:  # noqa: BLE001 (any reader failure: truncated / not an ArrayRecord file)
+    raise DataSourceError(f"{file}: unreadable shard ({' '.join(str(e).split())[:160]}); {redo}") from None
+
+
+def _check_prepared(path: str) -> list[dict[str, Any]]:
+  """Checks a prepared directory against its manifest; returns the shard entries (absolute files)."""
+  from hydrahead_jax.data.prepare import FORMAT  # noqa: PLC0415
+
+  redo = _redo(path)
+  if not os.path.exists(path):
+    raise DataSourceError(f"data.source {path!r}: no such directory (set data.source to a directory "
+                          "written by `python -m hydrahead_jax.data.prepare`, or to 'synthetic')")
+  if not os.path.isdir(path):
+    raise DataSourceError(f"data.source {path!r}: not a directory (expected one written by prepare)")
+  if not os.listdir(path):
+    raise DataSourceError(f"data.source {path!r}: empty directory (no {MANIFEST}, no shards); {redo}")
+  mf = os.path.join(path, MANIFEST)
+  if not os.path.isfile(mf):
+    raise DataSourceError(f"data.source {path!r}: no {MANIFEST} (an unfinished or foreign directory); {redo}")
+  try:
+    with open(mf) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataSourceError(f"{mf}: not valid JSON ({e}); {redo}") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    raise DataSourceError(f"{mf}: format {got!r}, expected {FORMAT!r}; {redo}")
+  shards = manifest.get("shards")
+  if not isinstance(shards, list) or not shards or not all(
+      isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("num_docs"), int)
+      for s in shards):
+    raise DataSourceError(f"{mf}: lists no shards (or malformed shard entries); {redo}")
+  total = sum(s["num_docs"] for s in shards)
+  if total < 1:
+    raise DataSourceError(f"{mf}: the source holds no documents; {redo}")
+  if manifest.get("num_docs") not in (None, total):
+    raise DataSourceError(f"{mf}: num_docs={manifest['num_docs']} but its shards list {total} documents; {redo}")
+  out = []
+  for s in shards:
+    file = os.path.join(path, s["file"])
+    if not os.path.isfile(file):
+      raise DataSourceError(f"data.source {path!r}: shard {s['file']!r} listed in {MANIFEST} is missing; "
+                            f"the directory does not match its manifest; {redo}")
+    reader = _reader(file, redo)
+    try:
+      n = reader.num_records()
+    finally:
+      reader.close()
+    if n != s["num_docs"]:
+      raise DataSourceError(f"{file}: holds {n} documents but {MANIFEST} lists {s['num_docs']}; the "
+                            f"directory does not match its manifest; {redo}")
+    out.append({**s, "file": file})
+  return out
+
+
+def _scan_ids(shard: Mapping[str, Any], vocab_size: int, allowance: int, redo: str) -> int:
+  """Checks the token ids of the shard's first documents (up to ``allowance`` tokens); returns the
+  number of tokens read. A fully read shard must hold the manifest's ``num_tokens``."""
+  file, n = shard["file"], shard["num_docs"]
+  reader = _reader(file, redo)
+  read, doc = 0, 0
+  try:
+    while doc < n and read < allowance:
+      end = min(n, doc + 256)
+      try:
+        records = reader.read(doc, end)
+      except Exception as e:  # noqa: BLE001
+        raise DataSourceError(f"{file}: unreadable records {doc}..{end - 1} "
+                              f"({' '.join(str(e).split())[:160]}); {redo}") from None
+      for j, rec in enumerate(records):
+        if len(rec) % 4:
+          raise DataSourceError(f"{file}: document {doc + j} is {len(rec)} bytes, not whole int32 token "
+                                f"ids; {redo}")
+        ids = np.frombuffer(rec, dtype="<i4")
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+          bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
+          raise DataSourceError(f"{file}: document {doc + j} has token id {bad}, outside [0, {vocab_size}) "
+                                "of model.vocab_size (prepared with another tokenizer, or a damaged shard?)")
+        read += ids.size
+      doc = end
+  finally:
+    reader.close()
+  if doc == n and shard.get("num_tokens") is not None and read != shard["num_tokens"]:
+    raise DataSourceError(f"{file}: holds {read} tokens but {MANIFEST} lists {shard['num_tokens']}; the "
+                          f"directory does not match its manifest; {redo}")
+  return read
 
 
 def make_train_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1

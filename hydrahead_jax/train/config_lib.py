@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 from hydrahead_jax.config import HeadLayout, ModelConfig
 from hydrahead_jax.data.pipeline import DataConfig
 
-# Names are canonical flat parameter names (hydrahead_jax.params); fnmatch patterns, '*' spans dots.
+# Names are canonical flat parameter names (hydrahead_jax.interop.names); fnmatch patterns, '*' spans dots.
 DEFAULT_NO_DECAY = ("*norm*", "*bias*", "*.a_log", "*.conv_*", "*.fusion.*")
 
 
@@ -98,11 +98,17 @@ class CheckpointConfig:
   keep: int = 3  # most recent checkpoints kept
   async_save: bool = True
   resume: bool = True  # resume from the latest checkpoint in the run directory
+  # A checkpoint that cannot be restored (corrupt, incomplete) is moved aside to <step>.damaged-<n>
+  # and the run resumes from the newest one that restores; False: stop (exit 2), change nothing.
+  fallback: bool = True
+  on_save_error: str = "stop"  # a failed save (e.g. disk full): 'stop' (exit 4) or 'continue' (warn)
 
   def __post_init__(self):
     _typecheck(self, 'checkpoint')
     if self.every < 1 or self.keep < 1:
       raise ValueError(f"checkpoint.every and checkpoint.keep must be >= 1, got {self.every}, {self.keep}")
+    if self.on_save_error not in ("stop", "continue"):
+      raise ValueError(f"checkpoint.on_save_error: must be 'stop' or 'continue', got {self.on_save_error!r}")
 
 
 @dataclasses.dataclass(frozen=True)

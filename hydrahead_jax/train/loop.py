@@ -25,10 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hydrahead_jax.data.pipeline import make_eval_batches, make_train_iterator, resolve_tokenizer
-from hydrahead_jax.model import create_model
+from hydrahead_jax.data.pipeline import (make_eval_batches, make_train_iterator, resolve_tokenizer,
+                                         validate_source)
+from hydrahead_jax.nn.model import create_model
 from hydrahead_jax.train import config_lib, optim
-from hydrahead_jax.train.checkpoint import Checkpointer, IncompatibleRunDir, abstract_like, check_compatible
+from hydrahead_jax.train.checkpoint import (Checkpointer, CheckpointUnusable, DamagedCheckpoint,
+                                           IncompatibleRunDir, abstract_like, newest_compatible)
 from hydrahead_jax.train.config_lib import Config
 from hydrahead_jax.train.state import flatten_state, leaf_names, tree_shardings
 from hydrahead_jax.train.step import BATCH_KEYS, host_metrics, make_eval_step, make_train_step
@@ -221,8 +223,11 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
           ) -> dict[str, Any]:
   """Runs (or resumes) the training run described by ``cfg``; returns the summary dict.
 
-  Raises ``IncompatibleRunDir`` (run directory holds checkpoints of another config) and
-  ``TrainingDiverged`` (non-finite loss / gradient norm; nothing saved for that step).
+  Raises ``IncompatibleRunDir`` (run directory holds checkpoints of another config),
+  ``CheckpointUnusable`` (no checkpoint restores, or one does not and ``checkpoint.fallback`` is
+  off), ``CheckpointSaveFailed`` (``checkpoint.on_save_error='stop'``), ``DataSourceError`` (bad
+  prepared data; before the first step) and ``TrainingDiverged`` (non-finite loss / gradient norm;
+  nothing saved for that step). All but the last are ``hydrahead_jax.cli.UserError``.
   """
   t_start = time.time()
   if cfg.train.distributed:
@@ -231,17 +236,15 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
   workdir = cfg.workdir
   os.makedirs(workdir, exist_ok=True)
   cfg_dict = config_lib.to_dict(cfg)
-  ckpt = Checkpointer(workdir, cfg.checkpoint)
-  latest = ckpt.latest_step()
-  if latest is not None and not cfg.checkpoint.resume:
-    raise IncompatibleRunDir(f"run directory {workdir!r} already holds checkpoints (latest step {latest}) "
-                             "and checkpoint.resume=false; refusing to overwrite them. Use another --workdir.")
-  changes = check_compatible(ckpt, latest, cfg_dict) if latest is not None else {}
+  ckpt = Checkpointer(workdir, cfg.checkpoint, print_fn if is_main else lambda *_: None)
+  try:  # before the first step: the run directory and the data are usable
+    latest, changes = _check_run_dir(ckpt, cfg, cfg_dict)
+    validate_source(cfg.data, cfg.model.vocab_size)
+  except BaseException:
+    ckpt.close()
+    raise
   if is_main:
     print_fn("resolved config:\n" + config_lib.to_json(cfg))
-    if changes:
-      print_fn("resuming with changed (resume-safe) keys: " +
-               ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg) + "\n")
 
@@ -284,13 +287,13 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
     data_iter = make_train_iterator(dcfg, jax.process_index(), pc)
     start = 0
     if latest is not None:
-      state = ckpt.restore(latest, abstract_like(state), data_iter)
-      start = int(jax.device_get(state["step"]))
-      if start != latest:
-        raise ValueError(f"checkpoint {latest} holds train state of step {start}")
+      state, start, changes = _restore_newest(ckpt, latest, changes, state, data_iter, cfg_dict)
       log.truncate_after(start)
       if is_main:
-        print_fn(f"resumed from {ckpt.directory}/{latest} (step {start})")
+        if changes:
+          print_fn("resuming with changed (resume-safe) keys: " +
+                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        print_fn(f"resumed from {ckpt.directory}/{start} (step {start})")
     elif is_main and os.path.exists(log.path):
       os.remove(log.path)  # no checkpoint: a fresh run starts fresh logs
     trainer.state, trainer.data_iter, trainer.step = state, data_iter, start
@@ -373,7 +376,8 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
 
     def save(step: int) -> None:
       nonlocal last_saved
-      ckpt.save(step, trainer.state, data_iter, cfg_dict)
+      if not ckpt.save(step, trainer.state, data_iter, cfg_dict):
+        return  # failed, reported; checkpoint.on_save_error='continue'
       last_saved = step
       for cb in callbacks:
         cb("checkpoint", step, trainer)
@@ -435,13 +439,58 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
       "compile_and_first_step_s": timing["compile_and_first_step"],
       "wall_s": wall,
       "workdir": workdir,
-      "checkpoint": last_saved,
+      "checkpoint": ckpt.last_committed,
   }
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     print_fn(format_summary(summary))
   return summary
+
+
+def _check_run_dir(ckpt: Checkpointer, cfg: Config, cfg_dict: Mapping[str, Any]
+                   ) -> tuple[int | None, dict]:
+  """The newest checkpoint step whose config reads back and is compatible (None: fresh run) and
+  its resume-safe config changes.
+
+  Damaged steps are set aside on the way (or stop the run, ``checkpoint.fallback=False``)."""
+  steps = ckpt.all_steps()
+  if steps and not cfg.checkpoint.resume:
+    raise IncompatibleRunDir(f"run directory {cfg.workdir!r} already holds checkpoints (latest step {steps[-1]}) "
+                             "and checkpoint.resume=false; refusing to overwrite them. Use another --workdir.")
+  latest, changes = newest_compatible(ckpt, cfg_dict)
+  if steps and latest is None:
+    raise _none_restores(ckpt)
+  if latest is None and ckpt.damaged_dirs():
+    ckpt.print_fn(f"note: {ckpt.directory} holds only checkpoints set aside as damaged "
+                  f"({', '.join(os.path.basename(d) for d in ckpt.damaged_dirs())}); starting from step 0")
+  return latest, changes
+
+
+def _none_restores(ckpt: Checkpointer) -> CheckpointUnusable:
+  aside = ", ".join(os.path.basename(d) for d in ckpt.damaged_dirs())
+  return CheckpointUnusable(
+      f"no checkpoint in {ckpt.directory} can be restored; every step was moved aside as damaged "
+      f"({aside}), nothing was deleted. Rerun the same command to start this run again from step 0 "
+      "in this directory, or use another --workdir")
+
+
+def _restore_newest(ckpt: Checkpointer, step: int, changes: dict, state: Any, data_iter,
+                    cfg_dict: Mapping[str, Any]) -> tuple[Any, int, dict]:
+  """Restores the newest step that restores, from ``step`` (config already checked) down; damaged
+  steps are set aside. Returns (state, step, the resume-safe config changes of that step)."""
+  while True:
+    try:
+      restored = ckpt.restore(step, abstract_like(state), data_iter)
+      got = int(jax.device_get(restored["step"]))
+      if got != step:
+        raise DamagedCheckpoint(step, f"it holds the train state of step {got}")
+      return restored, step, changes
+    except DamagedCheckpoint as e:
+      ckpt.handle_damaged(e)
+      step, changes = newest_compatible(ckpt, cfg_dict)
+      if step is None:
+        raise _none_restores(ckpt) from None
 
 
 def format_summary(s: Mapping[str, Any]) -> str:

@@ -291,7 +291,7 @@ def test_smollm2_needle_greedy_matches_transformers(smollm2, smollm2_hf):
 
 @pytest.mark.parity
 def test_smollm2_generate_matches_transformers(smollm2, smollm2_hf):
-  from hydrahead_jax.generate import generate
+  from hydrahead_jax.generation import generate
 
   cfg, model, tok = smollm2
   torch, ref = smollm2_hf

@@ -70,3 +70,28 @@ class FullAttention(nnx.Module):
       attend = per_shard(attend, (SHARD_B,) * 4, (SHARD_B,))
     (o_BxTxHfxK,) = attend(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask)
     return constrain(o_BxTxHfxK, HEADS_NAMES)
+
+  def attend_cached(self, q, k, v, *, cos_sin, cache_k, cache_v, length, start_B):
+    """Attention of T new tokens over a KV cache (chunked prefill, T = 1 for decoding).
+
+    q [B, T, Hf, K], k and v [B, T, Gf, K] are the projected new tokens, which occupy cache slots
+    [length, length + T); cache_k / cache_v [B, S, Gf, K] hold keys (after QK-norm and RoPE) and values of the
+    earlier slots. Slots before ``start_B[b]`` are row b's left padding: never attended (a padding query sees
+    only itself). Returns (o [B, T, Hf, K], cache_k, cache_v) with the new tokens written. The XLA attention runs
+    over all S slots under a mask, so one compiled shape serves every length.
+    """
+    q_BxTxHfxK, k_BxTxGfxK = q, k
+    if self.q_norm is not None:
+      q_BxTxHfxK, k_BxTxGfxK = self.q_norm(q_BxTxHfxK), self.k_norm(k_BxTxGfxK)
+    q_BxTxHfxK = apply_rope(q_BxTxHfxK, *cos_sin)
+    k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BxTxGfxK.astype(cache_k.dtype), length, axis=1)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), length, axis=1)
+    T, S = q_BxTxHfxK.shape[1], cache_k.shape[1]
+    slot_1xTx1 = (length + jnp.arange(T, dtype=jnp.int32))[None, :, None]
+    slot_1x1xS = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+    mask_BxTxS = (slot_1x1xS <= slot_1xTx1) & ((slot_1x1xS >= start_B[:, None, None]) | (slot_1x1xS == slot_1xTx1))
+    o_BxTxHfxK = jax.nn.dot_product_attention(q_BxTxHfxK, cache_k.astype(q_BxTxHfxK.dtype),
+                                              cache_v.astype(q_BxTxHfxK.dtype), mask=mask_BxTxS[:, None],
+                                              scale=self.cfg.head_dim**-0.5, implementation="xla")
+    return constrain(o_BxTxHfxK, HEADS_NAMES), cache_k, cache_v

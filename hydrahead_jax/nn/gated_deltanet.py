@@ -21,6 +21,7 @@ from hydrahead_jax.sharding import constrain, per_shard
 SHARD_BTHK = ("batch", None, "heads", None)
 SHARD_BTH = ("batch", None, "heads")
 SHARD_BT = ("batch", None)
+SHARD_BHKV = ("batch", "heads", None, None)  # delta-rule state
 
 
 def use_conv_kernel(cfg: ModelConfig) -> bool:
@@ -123,3 +124,38 @@ class GatedDeltaNet(nnx.Module):
                     (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BT,), (SHARD_BTHK,))
     (o_BxTxHxK,) = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH, segment_ids_BxT)
     return constrain(o_BxTxHxK, HEADS_NAMES), z
+
+  def _conv_cached(self, x_BxTxHxK, tail_BxWxHxK, w, normalize: bool):
+    """_conv continuing after ``tail`` (the previous W-1 pre-conv inputs): (output [B, T, H, K], new tail)."""
+    B, T, H, K = x_BxTxHxK.shape
+    W1 = tail_BxWxHxK.shape[1]
+    full_BxSxHxK = jnp.concatenate([tail_BxWxHxK.astype(x_BxTxHxK.dtype), x_BxTxHxK], axis=1)
+    w_WxC = w[...].reshape(-1, H * K).astype(x_BxTxHxK.dtype)
+    y_BxSxC = jax.nn.silu(causal_depthwise_conv(full_BxSxHxK.reshape(B, W1 + T, H * K), w_WxC, None))
+    y_BxTxHxK = y_BxSxC[:, W1:].reshape(B, T, H, K)
+    y_BxTxHxK = l2_normalize(y_BxTxHxK).astype(y_BxTxHxK.dtype) if normalize else y_BxTxHxK
+    return y_BxTxHxK, full_BxSxHxK[:, T:].astype(tail_BxWxHxK.dtype)
+
+  def mix_cached(self, q, k, v, a, b, z=None, *, state, conv_tails, valid_BxT):
+    """mix() continuing from a cache (chunked prefill; T = 1 is a one-token recurrent update).
+
+    state [B, H, K, K] float32 is the delta-rule state before the first new token; conv_tails = (q, k, v) tails
+    [B, W-1, H, K], the last W-1 pre-conv inputs. Tokens where ``valid_BxT`` is False (left padding) are no-ops:
+    zero conv inputs, g = 0, beta = 0. Returns (raw head outputs [B, T, H, K], W_z x or None, new state,
+    new conv_tails).
+    """
+    cfg, dt = self.cfg, self.cfg.dtype
+    keep_BxTx1x1 = valid_BxT[:, :, None, None].astype(q.dtype)
+    convs = [self._conv_cached(x * keep_BxTx1x1, tail, w, normalize=n) for x, tail, w, n in zip(
+        (q, k, v), conv_tails, (self.conv_q, self.conv_k, self.conv_v), (True, True, False))]
+    (q_BxTxHxK, tq), (k_BxTxHxK, tk), (v_BxTxHxK, tv) = convs
+    a_BxTxH, b_BxTxH = a.astype(jnp.float32), b.astype(jnp.float32)
+    g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
+    g_BxTxH = jnp.where(valid_BxT[:, :, None], g_BxTxH, 0.0)
+    beta_BxTxH = jnp.where(valid_BxT[:, :, None], jax.nn.sigmoid(b_BxTxH), 0.0)
+    impl = "recurrent" if q.shape[1] == 1 else cfg.la_implementation
+    gdn = per_shard(lambda q, k, v, g, beta, s: gated_delta_rule(
+        q, k, v, g, beta, initial_state=s, output_final_state=True, chunk_size=cfg.la_chunk_size,
+        implementation=impl), (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BHKV,), (SHARD_BTHK, SHARD_BHKV))
+    o_BxTxHxK, state = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH, state)
+    return constrain(o_BxTxHxK, HEADS_NAMES), z, state, (tq, tk, tv)

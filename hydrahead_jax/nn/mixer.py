@@ -69,3 +69,24 @@ class HydraHeadMixer(nnx.Module):
     """The shared output projection W_o: [B, T, H, K] -> [B, T, D]."""
     dt = self.cfg.dtype
     return jnp.einsum("bthk,hkd->btd", fused_BxTxHxK.astype(dt), self.wo[...].astype(dt))
+
+  def cached(self, x_BxTxD, cos_sin, cache, length, start_B, valid_BxT):
+    """__call__ for T new tokens continuing from this layer's cache (``generation.LayerCache``: FA keys/values
+    ``k``, ``v`` [B, S, Gf, K]; LA ``state`` [B, Hl, K, K] and conv tails ``conv_q/k/v`` [B, W-1, Hl, K]).
+
+    The new tokens occupy cache slots [length, length + T); ``start_B`` [B] is each row's first real slot (left
+    padding before it), ``valid_BxT`` marks the new tokens that are not padding. Returns (y [B, T, D], new cache).
+    """
+    dt = self.cfg.dtype
+    o_fa = o_la = z = None
+    if self.fa is not None:
+      o_fa, k, v = self.fa.attend_cached(**project(x_BxTxD, self.fa.projections(), dt), cos_sin=cos_sin,
+                                         cache_k=cache.k, cache_v=cache.v, length=length, start_B=start_B)
+      cache = cache._replace(k=k, v=v)
+    if self.la is not None:
+      o_la, z, state, (tq, tk, tv) = self.la.mix_cached(
+          **project(x_BxTxD, self.la.projections(), dt), state=cache.state,
+          conv_tails=(cache.conv_q, cache.conv_k, cache.conv_v), valid_BxT=valid_BxT)
+      o_la = o_la.astype(dt)
+      cache = cache._replace(state=state, conv_q=tq, conv_k=tk, conv_v=tv)
+    return self.project_out(self.fuse(o_fa, o_la, z)), cache

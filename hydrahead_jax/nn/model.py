@@ -71,6 +71,13 @@ class Block(nnx.Module):
     x_BxTxD = constrain(x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), ACT_NAMES)
     return x_BxTxD, {"mixer_in": h_BxTxD, "mixer_out": y_BxTxD, "heads": heads_BxTxHxK}
 
+  def cached(self, x_BxTxD, cos_sin, cache, length, start_B, valid_BxT):
+    """__call__ for new tokens continuing from this layer's cache (``HydraHeadMixer.cached``): (x, new cache)."""
+    y_BxTxD, cache = self.mixer.cached(self.attn_norm(x_BxTxD), cos_sin, cache, length, start_B, valid_BxT)
+    x_BxTxD = constrain(x_BxTxD + y_BxTxD, ACT_NAMES)
+    x_BxTxD = constrain(x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), ACT_NAMES)
+    return x_BxTxD, cache
+
 
 def _make_stack(cfg: ModelConfig, seg: Segment, rngs: nnx.Rngs) -> Block:
   if not seg.stacked:
@@ -171,6 +178,43 @@ class HydraHeadLM(nnx.Module):
       logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
+
+  def extend(self, tokens_BxT: jax.Array, cache, valid_BxT: jax.Array | None = None, *,
+             last_only: bool = False) -> tuple[jax.Array, object]:
+    """Runs T new tokens on top of a ``generation.HybridCache``: (logits [B, T, V] float32, new cache).
+
+    Chunked prefill and decoding (T = 1) are this call. ``valid_BxT`` (default all True) is False on left
+    padding, which must come before any real token of its row; RoPE positions continue per row from
+    ``cache.pos``. ``last_only``: logits of the last column only ([B, 1, V]; with left padding, every row's
+    last token).
+    """
+    cfg = self.cfg
+    if valid_BxT is None:
+      valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+    valid_i = valid_BxT.astype(jnp.int32)
+    positions_BxT = cache.pos[:, None] + jnp.cumsum(valid_i, axis=1) - valid_i
+    pos_B = cache.pos + valid_i.sum(axis=1)
+    length = cache.length
+    start_B = length + tokens_BxT.shape[1] - pos_B  # first real slot of each row (left padding before it)
+    cos_sin = rope_angles(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    x = constrain(self.embed(tokens_BxT), ACT_NAMES)
+    layers = []
+    for seg, stack, layer_cache in zip(self.segments_plan, self.segments, cache.layers):
+      if not seg.stacked:
+        x, layer_cache = stack.cached(x, cos_sin, layer_cache, length, start_B, valid_BxT)
+      else:
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, None, None, None, None), out_axes=(nnx.Carry, 0))
+        def scan_fn(block, carry, lc, cs, n, start, valid):
+          return block.cached(carry, cs, lc, n, start, valid)
+
+        x, layer_cache = scan_fn(stack, x, layer_cache, cos_sin, length, start_B, valid_BxT)
+      layers.append(layer_cache)
+    x = self.final_norm(x[:, -1:] if last_only else x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
+    return logits, cache._replace(layers=tuple(layers), length=length + tokens_BxT.shape[1], pos=pos_B)
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -45,9 +45,6 @@ from hydrahead_jax.train.config_lib import CheckpointConfig
 ITEMS = ("state", "data", "config")  # required items; "digest" is absent in checkpoints of older versions
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into a step before it is renamed into place
 DAMAGED = ".damaged-"  # <step>.damaged-<n>: a step set aside (Orbax only lists plain integer names)
-# Checkpoint keys that may change between a checkpoint and a resumed run (besides config_lib.RESUME_SAFE;
-# also absent from checkpoints written before they existed).
-RESUME_SAFE_CHECKPOINT_KEYS = ("checkpoint.fallback", "checkpoint.on_save_error")
 
 
 class IncompatibleRunDir(UserError, ValueError):
@@ -401,8 +398,7 @@ def check_compatible(ckpt: Checkpointer, step: int, new_config: Mapping[str, Any
   """Raises ``IncompatibleRunDir`` unless the checkpoint's config differs only in resume-safe keys;
   returns the resume-safe differences. Raises ``DamagedCheckpoint`` if the config cannot be read."""
   old = ckpt.read_config(step)
-  bad = {k: v for k, v in config_lib.incompatible(old, new_config).items()
-         if k not in RESUME_SAFE_CHECKPOINT_KEYS}
+  bad = config_lib.incompatible(old, new_config)
   if bad:
     keys = "; ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in bad.items())
     raise IncompatibleRunDir(

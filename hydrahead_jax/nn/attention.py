@@ -11,6 +11,7 @@ from flax import nnx
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
+from hydrahead_jax.parallel.context import context_attention, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 
 SHARD_B = ("batch", None, None, None)  # batch rows only (heads whole)
@@ -59,9 +60,12 @@ class FullAttention(nnx.Module):
       q_BxTxHfxK, k_BxTxGfxK = self.q_norm(q_BxTxHfxK), self.k_norm(k_BxTxGfxK)
     q_BxTxHfxK = apply_rope(q_BxTxHfxK, *cos_sin)
     k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin)
-    mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
     impl = attention_implementation(self.cfg.fa_implementation, q_BxTxHfxK.dtype)
     scale = self.cfg.head_dim**-0.5
+    if context_size() > 1:  # the sequence is split over the 'context' mesh axis (parallel/context.py)
+      return constrain(context_attention(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, segment_ids_BxT, scale=scale,
+                                         implementation=impl), HEADS_NAMES)
+    mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
     attend = lambda q, k, v, m: (jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=m, is_causal=True, scale=scale, implementation=impl),)
     if impl == "cudnn":

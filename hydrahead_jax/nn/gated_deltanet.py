@@ -15,6 +15,7 @@ from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import (HEADS_NAMES, causal_depthwise_conv, fan_in_normal, l2_normalize, make_param,
                                      project)
 from hydrahead_jax.ops import gated_delta_rule
+from hydrahead_jax.parallel.context import context_conv, context_gated_delta_rule, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 
 # Per-shard kernels (Pallas custom calls) split batch rows and heads only; the time axis stays whole (recurrence, conv).
@@ -90,6 +91,8 @@ class GatedDeltaNet(nnx.Module):
       y = jax.nn.silu(causal_depthwise_conv(x_BxTxC, w_WxC.astype(x_BxTxC.dtype), seg_BxT)).reshape(B, T, H, K)
       return (l2_normalize(y).astype(y.dtype) if normalize else y,)
 
+    if context_size() > 1:  # time split over the 'context' mesh axis: a halo from the previous shard
+      return context_conv(conv, x_BxTxHxK, w[...], segment_ids_BxT)
     if use_kernel:  # a Pallas call: per (batch rows x heads) shard
       conv = per_shard(conv, (SHARD_BTHK, (None, "heads", None), SHARD_BT), (SHARD_BTHK,))
     return conv(x_BxTxHxK, w[...], segment_ids_BxT)[0]
@@ -122,6 +125,9 @@ class GatedDeltaNet(nnx.Module):
     gdn = per_shard(lambda q, k, v, g, beta, seg: gated_delta_rule(
         q, k, v, g, beta, segment_ids=seg, chunk_size=cfg.la_chunk_size, implementation=cfg.la_implementation)[:1],
                     (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BT,), (SHARD_BTHK,))
+    if context_size() > 1:  # the recurrence across shards of the 'context' mesh axis (parallel/context.py)
+      gdn = lambda *args: (context_gated_delta_rule(  # noqa: E731
+          *args, chunk_size=cfg.la_chunk_size, implementation=cfg.la_implementation),)
     (o_BxTxHxK,) = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH, segment_ids_BxT)
     return constrain(o_BxTxHxK, HEADS_NAMES), z
 

@@ -1,0 +1,222 @@
+"""Context parallelism: one sequence split along the 'context' mesh axis (docs/parallelism.md).
+
+The rule table maps the logical 'length' axis to the mesh axis 'context', so with a context axis of size n every
+activation [B, T, ...] holds T / n contiguous tokens per device (shard c: tokens [c T/n, (c+1) T/n)). Per-token work
+(projections, MLP, norms, RoPE with global positions) needs nothing more. The three sequence mixers do, and each runs
+here inside one ``jax.shard_map`` over batch rows x length x heads:
+
+* ``context_attention`` (FA heads): all-gather K, V (and the segment ids) over 'context'; each shard attends its local
+  queries to the gathered keys with its causal offset (key position <= the query's global position) and segment ids
+  that cross shard boundaries. XLA: one explicit [T/n, T] mask. cuDNN (no offset causal mask in jax's cuDNN API:
+  ``local_window_size`` with a right window is refused unless causal): a ``lax.switch`` over the shard index whose
+  branch c pads the queries in front with c T/n zero rows and runs the top-left causal cuDNN kernel over keys
+  [0, (c+1) T/n): exact, flash memory, more compute (see the docs).
+* ``context_gated_delta_rule`` (LA heads): the state after a shard is an affine map of the state before it,
+  S_out = A S_in + B. One kernel run per shard with v' = [v | 0] and initial state [0 | I] returns the outputs of a
+  zero incoming state and the read-out of A in one go (o' = [o0 | oA], final state [B | A]); A and B are
+  all-gathered, every shard folds the prefix of the earlier shards into its true incoming state S_in, and its outputs
+  are o0 + oA S_in. Exact, differentiable end to end (the op's custom VJPs, all_gather's transpose).
+* ``context_conv`` (LA short convs): each shard prepends the last W-1 pre-conv inputs (and segment ids) of the
+  previous shard (``ppermute``; shard 0 gets zeros) and drops the W-1 halo outputs.
+
+Shape letters: B batch, T length (global), Tl = T / n local length, H heads, G KV groups, K / V head dims, W conv.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from hydrahead_jax.ops import gated_delta_rule
+from hydrahead_jax.sharding import fit_pspec, logical_to_pspec
+
+CONTEXT_AXIS = "context"
+f32 = jnp.float32
+_einsum = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
+
+# Logical names of the operands inside the context-parallel shard_maps: batch rows x length x heads.
+BTHK = ("batch", "length", "heads", None)
+BTGK = ("batch", "length", "kv_heads", None)
+BTH = ("batch", "length", "heads")
+BT = ("batch", "length")
+WHK = (None, "heads", None)
+
+
+def _mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
+def context_size(mesh=None) -> int:
+  """Size of the 'context' axis of ``mesh`` (default: the active mesh); 1 without one."""
+  mesh = mesh if mesh is not None else _mesh()
+  if mesh is None:
+    return 1
+  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(CONTEXT_AXIS, 1)
+
+
+def _spec(names, shape, mesh) -> P:
+  return fit_pspec(logical_to_pspec(names, mesh), shape, mesh)
+
+
+def _check_length(T: int, n: int, what: str, min_local: int = 1) -> int:
+  if T % n or T // n < min_local:
+    raise ValueError(f"{what}: sequence length {T} must be a multiple of the context-parallel size {n} with at least "
+                     f"{min_local} token(s) per shard")
+  return T // n
+
+
+def _shard_map(fn, args, in_names, out_names_shapes):
+  """``fn`` per shard of the active mesh, specs by logical names; None arguments pass through unsplit."""
+  mesh = _mesh()
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def on_shard(*shards):
+    full = list(args)
+    for i, x in zip(present, shards):
+      full[i] = x
+    return fn(*full)
+
+  in_specs = tuple(_spec(in_names[i], args[i].shape, mesh) for i in present)
+  out_specs = tuple(_spec(n, s, mesh) for n, s in out_names_shapes)
+  for spec in in_specs[:1]:
+    if len(spec) < 2 or spec[1] != CONTEXT_AXIS:
+      raise ValueError(f"context parallelism: the length axis did not map to '{CONTEXT_AXIS}' ({spec})")
+  return jax.shard_map(on_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*[args[i] for i in present])
+
+
+def _gather_t(x):
+  """All-gather along the length axis (axis 1) over 'context': [B, Tl, ...] -> [B, T, ...]."""
+  return lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
+
+
+# -- FA heads ---------------------------------------------------------------------------------------------------------
+def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float, implementation: str):
+  """Causal softmax attention (GQA) over a sequence split on the 'context' axis: [B, T, H, K] like
+  ``jax.nn.dot_product_attention(q, k, v, mask=same-segment, is_causal=True)`` over the whole sequence.
+
+  ``implementation``: 'xla' (explicit [Tl, T] mask) or 'cudnn' (switch over the shard index, zero-padded queries,
+  the cuDNN causal kernel; packed segments then go in as a dense [(c+1) Tl]^2 mask, for moderate T only).
+  """
+  n = context_size()
+  B, T, H, K = q_BxTxHxK.shape
+  G = k_BxTxGxK.shape[2]
+  Tl = _check_length(T, n, "context_attention")
+  mesh = _mesh()
+  tp = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
+  # Heads split over 'tensor' only where the KV groups split too (contiguous query heads stay with their group).
+  qn, kn = (BTHK, BTGK) if G % tp == 0 else (("batch", "length", None, None),) * 2
+  local = functools.partial(_attention_local, n=n, Tl=Tl, scale=scale, implementation=implementation)
+  (o,) = _shard_map(local, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT), (qn, kn, kn, BT),
+                    ((qn, q_BxTxHxK.shape),))
+  return o
+
+
+def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str):
+  c = lax.axis_index(CONTEXT_AXIS)
+  k_all, v_all = _gather_t(k), _gather_t(v)
+  seg_all = None if seg is None else _gather_t(seg)
+  if implementation != "cudnn":
+    qpos_T = c * Tl + jnp.arange(Tl, dtype=jnp.int32)
+    mask = (jnp.arange(n * Tl, dtype=jnp.int32)[None, :] <= qpos_T[:, None])[None, None]  # [1, 1, Tl, T]
+    if seg is not None:
+      mask = mask & (seg[:, None, :, None] == seg_all[:, None, None, :])
+    o = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, scale=scale, implementation=implementation)
+    return (o,)
+
+  def branch(ci: int):  # shard ci: queries at global [ci Tl, (ci+1) Tl), keys [0, (ci+1) Tl)
+    S = (ci + 1) * Tl
+
+    def run(q, k_all, v_all, seg_all):
+      q_pad = jnp.pad(q, ((0, 0), (ci * Tl, 0), (0, 0), (0, 0)))  # top-left causal on [S, S] = offset causal
+      mask = None if seg_all is None else (seg_all[:, None, :S, None] == seg_all[:, None, None, :S])
+      o = jax.nn.dot_product_attention(q_pad, k_all[:, :S], v_all[:, :S], mask=mask, is_causal=True, scale=scale,
+                                       implementation="cudnn")
+      return o[:, ci * Tl:]
+
+    return run
+
+  return (lax.switch(c, [branch(ci) for ci in range(n)], q, k_all, v_all, seg_all),)
+
+
+# -- LA heads: short conv ---------------------------------------------------------------------------------------------
+def context_conv(conv_fn, x_BxTxHxK, w_WxHxK, segment_ids_BxT):
+  """A causal short conv over a sequence split on 'context'. ``conv_fn(x [B, t, H, K], w [W, H, K], seg [B, t] | None)
+  -> (y [B, t, H, K],)`` is the single-device conv (kernel or XLA, never reaching across a segment change); each
+  shard runs it on [halo of W-1 tokens from the previous shard | its own tokens] and keeps its own outputs."""
+  n = context_size()
+  B, T, H, K = x_BxTxHxK.shape
+  W1 = w_WxHxK.shape[0] - 1
+  _check_length(T, n, "context_conv", min_local=max(W1, 1))
+
+  def local(x, w, seg):
+    if W1 == 0:
+      return conv_fn(x, w, seg)
+    to_next = [(i, i + 1) for i in range(n - 1)]  # shard 0 receives zeros: no tokens before the sequence
+    x_ext = jnp.concatenate([lax.ppermute(x[:, -W1:], CONTEXT_AXIS, to_next), x], axis=1)
+    seg_ext = None if seg is None else jnp.concatenate([lax.ppermute(seg[:, -W1:], CONTEXT_AXIS, to_next), seg], 1)
+    (y,) = conv_fn(x_ext, w, seg_ext)
+    return (y[:, W1:],)
+
+  (y,) = _shard_map(local, (x_BxTxHxK, w_WxHxK, segment_ids_BxT), (BTHK, WHK, BT), ((BTHK, x_BxTxHxK.shape),))
+  return y
+
+
+# -- LA heads: gated delta rule ---------------------------------------------------------------------------------------
+def context_gated_delta_rule(q, k, v, g, beta, segment_ids=None, *, chunk_size: int = 64,
+                             implementation: str | None = None, scale: float | None = None):
+  """``gated_delta_rule(q, k, v, g, beta, segment_ids=...)[0]`` (zero initial state) over a sequence split on the
+  'context' mesh axis: o [B, T, H, V] in v's dtype; differentiable in q, k, v, g, beta."""
+  n = context_size()
+  _check_length(q.shape[1], n, "context_gated_delta_rule")
+  local = functools.partial(_gdn_local, n=n, chunk_size=chunk_size, implementation=implementation, scale=scale)
+  (o,) = _shard_map(local, (q, k, v, g, beta, segment_ids), (BTHK, BTHK, BTHK, BTH, BTH, BT),
+                    ((BTHK, v.shape),))
+  return o
+
+
+def shard_summary(q, k, v, g, beta, segment_ids, *, chunk_size: int, implementation: str | None,
+                  scale: float | None):
+  """One op run over a shard: (o0 [B, t, H, V] outputs for a zero incoming state, oA [B, t, H, K] read-outs of the
+  transition (o_t = o0_t + oA_t S_in), A [B, H, K, K], B [B, H, K, V]: final state = A S_in + B)."""
+  Bsz, t, H, K = q.shape
+  V = v.shape[-1]
+  v_aug = jnp.concatenate([v, jnp.zeros((Bsz, t, H, K), v.dtype)], axis=-1)
+  eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (Bsz, H, K, K))
+  h0 = jnp.concatenate([jnp.zeros((Bsz, H, K, V), f32), eye], axis=-1)  # columns evolve independently
+  o_aug, final = gated_delta_rule(q, k, v_aug, g, beta, scale=scale, initial_state=h0, segment_ids=segment_ids,
+                                  chunk_size=chunk_size, output_final_state=True, implementation=implementation)
+  return o_aug[..., :V], o_aug[..., V:], final[..., V:], final[..., :V]
+
+
+def incoming_states(a_NxBxHxKxK, b_NxBxHxKxV, keep_NxB=None):
+  """States entering each of N consecutive shards [N, B, H, K, V] (shard 0: zero) from their affine summaries;
+  ``keep_NxB[j]`` False drops the state entering shard j (a segment starts at its first token)."""
+  N = a_NxBxHxKxK.shape[0]
+  s = jnp.zeros(b_NxBxHxKxV.shape[1:], f32)
+  states = [s]
+  for j in range(N - 1):
+    s = _einsum("bhkj,bhjv->bhkv", a_NxBxHxKxK[j], s) + b_NxBxHxKxV[j]
+    if keep_NxB is not None:
+      s = jnp.where(keep_NxB[j + 1][:, None, None, None], s, 0.0)
+    states.append(s)
+  return jnp.stack(states)
+
+
+def _gdn_local(q, k, v, g, beta, seg, *, n: int, chunk_size: int, implementation, scale):
+  o0, oa, a, b = shard_summary(q, k, v, g, beta, seg, chunk_size=chunk_size, implementation=implementation,
+                               scale=scale)
+  a_all = lax.all_gather(a, CONTEXT_AXIS)  # [n, B, H, K, K]
+  b_all = lax.all_gather(b, CONTEXT_AXIS)  # [n, B, H, K, V]
+  keep = None
+  if seg is not None:  # the state crosses into shard j only if its first token continues shard j-1's segment
+    first, last = lax.all_gather(seg[:, 0], CONTEXT_AXIS), lax.all_gather(seg[:, -1], CONTEXT_AXIS)  # [n, B]
+    keep = jnp.concatenate([jnp.ones_like(first[:1], bool), first[1:] == last[:-1]], axis=0)
+  s_in = incoming_states(a_all, b_all, keep)[lax.axis_index(CONTEXT_AXIS)]
+  o = o0.astype(f32) + _einsum("bthk,bhkv->bthv", oa.astype(f32), s_in)
+  return (o.astype(v.dtype),)

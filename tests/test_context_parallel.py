@@ -1,0 +1,197 @@
+"""Context parallelism (hydrahead_jax/parallel/context.py) on 8 fake CPU devices: the sequence split over the
+'context' mesh axis gives the single-device forward and gradients, for the FA path, the GDN path and the short conv
+alone and for whole models of every layout, with packed segments that cross (and start at) shard boundaries."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hydrahead_jax.config import HeadLayout, ModelConfig
+from hydrahead_jax.nn.layers import causal_depthwise_conv, l2_normalize
+from hydrahead_jax.nn.model import create_model
+from hydrahead_jax.ops import gated_delta_rule
+from hydrahead_jax.sharding import param_shardings
+from hydrahead_jax.parallel.context import (context_attention, context_conv, context_gated_delta_rule, context_size,
+                                            incoming_states, shard_summary)
+
+B, T = 2, 32
+# Segment starts: row 0 at 8 and 16 (shard boundaries for CP 2/4/8), 13 and 27 inside shards; row 1 at 3, 17, 20
+# (a boundary for CP 8 only) and 24. Several segments span two or more shards.
+SEG = np.zeros((B, T), np.int32)
+for row, starts in enumerate(((8, 13, 16, 27), (3, 17, 20, 24))):
+  for s in starts:
+    SEG[row, s:] += 1
+SEG = jnp.asarray(SEG)
+
+MESHES = {
+    "cp2": ((2,), ("context",)),
+    "cp4": ((4,), ("context",)),
+    "cp8": ((8,), ("context",)),
+    "dp2_cp2_tp2": ((2, 2, 2), ("data", "context", "tensor")),
+    "fsdp2_cp2_tp2": ((2, 2, 2), ("fsdp", "context", "tensor")),
+}
+
+
+def mesh(name):
+  shape, axes = MESHES[name]
+  return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def close(got, want, tol=2e-4):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
+
+
+def value_and_grads(fn, argnums):
+  """jit(value_and_grad) of a smooth scalar of fn's output, returning (output, grads)."""
+  def loss(*args):
+    o = fn(*args)
+    return jnp.sum(jnp.sin(o) * o), o
+  return jax.jit(lambda *a: jax.value_and_grad(loss, argnums=argnums, has_aux=True)(*a)[::-1])
+
+
+def test_context_size():
+  assert context_size() == 1
+  with jax.set_mesh(mesh("dp2_cp2_tp2")):
+    assert context_size() == 2
+
+
+def test_affine_summary_composes(rng):
+  """A shard's state map S_out = A S_in + B: the shard run from S_in equals o0 + oA S_in and A S_in + B; the prefix
+  of two halves' summaries is the state entering the second half; a segment change inside a shard zeroes its A."""
+  H, K = 2, 8
+  q, k = (l2_normalize(jnp.asarray(rng.normal(size=(1, 16, H, K)), jnp.float32)) for _ in range(2))
+  v = jnp.asarray(rng.normal(size=(1, 16, H, K)), jnp.float32)
+  g = -jnp.asarray(rng.random((1, 16, H)), jnp.float32)
+  beta = jnp.asarray(rng.random((1, 16, H)), jnp.float32)
+  s_in = jnp.asarray(rng.normal(size=(1, H, K, K)), jnp.float32)
+  summary = lambda *a, seg=None: shard_summary(*a, seg, chunk_size=8, implementation="chunked", scale=None)  # noqa
+
+  @jax.jit
+  def check(q, k, v, g, beta, s_in):
+    o0, oa, a, b = summary(q, k, v, g, beta)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, initial_state=s_in, output_final_state=True, chunk_size=8,
+                                    implementation="chunked")
+    halves = [summary(*(x[:, sl] for x in (q, k, v, g, beta))) for sl in (slice(0, 8), slice(8, 16))]
+    states = incoming_states(jnp.stack([h[2] for h in halves]), jnp.stack([h[3] for h in halves]))
+    s_mid = gated_delta_rule(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8], output_final_state=True,
+                             implementation="chunked")[1]
+    a_reset = summary(q, k, v, g, beta, seg=jnp.asarray([[0] * 5 + [1] * 11]))[2]
+    return ((o0 + jnp.einsum("bthk,bhkv->bthv", oa, s_in), jnp.einsum("bhkj,bhjv->bhkv", a, s_in) + b, states[1]),
+            (o_ref, s_ref, s_mid), a_reset)
+
+  got, want, a_reset = check(q, k, v, g, beta, s_in)
+  close(got, want, 1e-5)
+  assert float(jnp.abs(a_reset).max()) == 0.0
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cudnn"])
+def test_attention_matches_unsharded(rng, monkeypatch, implementation):
+  """FA path alone: GQA causal attention with packed segments, sharded over context (and batch, heads)."""
+  H, G, K = 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(B, T, G, K)), jnp.float32) for _ in range(2))
+  ref = value_and_grads(lambda q, k, v, s: jax.nn.dot_product_attention(
+      q, k, v, mask=(s[:, :, None] == s[:, None, :])[:, None], is_causal=True, scale=0.3), (0, 1, 2))(q, k, v, SEG)
+  ref_unpacked = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.3),
+                                 (0, 1, 2))(q, k, v)
+  calls = []
+  if implementation == "cudnn":  # the cuDNN branch structure, with XLA standing in for cuDNN on the CPU
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, implementation, **kw: calls.append(
+        (q.shape[1], kw.get("is_causal"), implementation)) or real(q, *a, implementation="xla", **kw))
+  fn = value_and_grads(lambda q, k, v, s: context_attention(q, k, v, s, scale=0.3, implementation=implementation),
+                       (0, 1, 2))
+  for name in ("cp4", "dp2_cp2_tp2"):
+    with jax.set_mesh(mesh(name)):
+      close(fn(q, k, v, SEG), ref)
+  with jax.set_mesh(mesh("cp8")):  # no segment ids
+    close(fn(q, k, v, None), ref_unpacked)
+  if implementation == "cudnn":  # branch c: queries zero-padded to (c+1) T/n, causal
+    assert {(8, True, "cudnn"), (16, True, "cudnn"), (32, True, "cudnn")} <= set(calls), calls
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "pallas"])
+def test_gated_delta_rule_matches_unsharded(rng, implementation):
+  """GDN path alone: the per-shard affine summaries and their prefix give the single-device outputs and gradients
+  in q, k, v, g, beta ('pallas' runs its kernels in interpret mode on the CPU)."""
+  H, K = 2, 8
+  q, k = (l2_normalize(jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)) for _ in range(2))
+  v = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+  g = -0.5 * jnp.asarray(rng.random((B, T, H)), jnp.float32)
+  beta = jnp.asarray(rng.random((B, T, H)), jnp.float32)
+  args = (q, k, v, g, beta, SEG)
+  ref = value_and_grads(lambda *a: gated_delta_rule(*a[:5], segment_ids=a[5], chunk_size=8,
+                                                    implementation="chunked")[0], tuple(range(5)))(*args)
+  fn = value_and_grads(lambda *a: context_gated_delta_rule(*a, chunk_size=8, implementation=implementation),
+                       tuple(range(5)))
+  for name in (("cp2", "cp8", "dp2_cp2_tp2") if implementation == "chunked" else ("cp2",)):
+    with jax.set_mesh(mesh(name)):
+      close(fn(*args), ref)
+  if implementation == "chunked":  # no segment ids
+    ref = value_and_grads(lambda *a: gated_delta_rule(*a, chunk_size=8, implementation="chunked")[0],
+                          tuple(range(5)))(*args[:5])
+    with jax.set_mesh(mesh("cp8")):
+      close(fn(*args[:5], None), ref)
+
+
+def test_conv_halo_matches_unsharded(rng):
+  """Short conv alone: each shard's halo of W-1 tokens from the previous one, segment-masked across the boundary."""
+  H, K, W = 2, 4, 4
+  x = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(W, H, K)), jnp.float32)
+
+  def conv(x, w, seg):
+    b, t = x.shape[:2]
+    return (jax.nn.silu(causal_depthwise_conv(x.reshape(b, t, -1), w.reshape(W, -1), seg)).reshape(x.shape),)
+
+  ref = value_and_grads(lambda x, w, s: conv(x, w, s)[0], (0, 1))(x, w, SEG)
+  fn = value_and_grads(lambda x, w, s: context_conv(conv, x, w, s), (0, 1))
+  for name in ("cp8", "dp2_cp2_tp2"):
+    with jax.set_mesh(mesh(name)):
+      close(fn(x, w, SEG), ref)
+
+
+def test_length_must_divide():
+  x = jnp.zeros((1, 6, 1, 4))
+  with jax.set_mesh(mesh("cp4")), pytest.raises(ValueError, match="multiple of the context-parallel size 4"):
+    context_gated_delta_rule(x, x, x, x[..., 0], x[..., 0])
+
+
+GROUPS = 4
+# Layer 0 all FA, layer 1 all LA (the layers of all-FA, all-LA and layer-wise layouts), layer 2 head-level (FA group
+# 1 of 4 beside 6 LA heads).
+LAYOUT = HeadLayout(((0, 1, 2, 3), (), (1,)))
+CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=8, num_kv_heads=GROUPS, head_dim=8, mlp_dim=64,
+                  dtype="float32", la_chunk_size=8, la_implementation="chunked", rope_theta=10_000.0, layout=LAYOUT)
+
+
+@nnx.jit
+def _model_value_and_grads(model, tok, seg):
+  def loss(m):
+    logits = m(tok, seg)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1)), logits
+  (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  return logits, grads
+
+
+def test_model_matches_unsharded(rng):
+  """Whole hybrid model (embeddings, all-FA / all-LA / head-level layers, RoPE from global positions of packed
+  segments, tied head): logits and every parameter gradient under CP 8 and under fsdp x context x tensor equal the
+  single-device ones."""
+  tok = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32)
+  model = create_model(CFG, seed=1)
+  ref = _model_value_and_grads(model, tok, SEG)
+  graphdef, state = nnx.split(model)
+  for name in ("cp8", "fsdp2_cp2_tp2"):
+    m = mesh(name)
+    with jax.set_mesh(m):
+      sharded = nnx.merge(graphdef, jax.device_put(state, param_shardings(state, m)))
+      rows = tuple(a for a in ("data", "fsdp") if a in m.axis_names)
+      put = lambda x: jax.device_put(x, NamedSharding(m, P(rows, "context")))  # noqa: E731
+      got = _model_value_and_grads(sharded, put(tok), put(SEG))
+    close(got, ref, 5e-4)

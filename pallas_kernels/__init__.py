@@ -1,6 +1,5 @@
 """Pallas kernels of HydraHead-JAX, one package per op (reference + one module per backend + glue + bench).
 
-Importing ``pallas_kernels`` registers the 'pallas' implementation of ``hydrahead_jax.ops.gated_delta_rule``.
+A standalone package: it depends on JAX only and imports nothing from the model library (the library imports the
+kernels, never the reverse). Importing it loads no kernels; each op package is imported on its own.
 """
-
-from pallas_kernels import gated_delta_rule  # noqa: F401  (registers 'pallas')

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from gdn_oracle import gdn_numpy, random_segments, realistic_inputs
 
-from hydrahead_jax.ops import (default_implementation, gated_delta_rule, get_gdn_implementation,
-                               register_gdn_implementation)
+from hydrahead_jax.ops import (available_implementations, default_implementation, gated_delta_rule,
+                               get_gdn_implementation, register_gdn_implementation)
 
 gdr_module = importlib.import_module("hydrahead_jax.ops.gated_delta_rule")
 
@@ -230,7 +230,47 @@ def test_default_picks_pallas_on_accelerators(monkeypatch):
   assert default_implementation() == "chunked"
 
 
-def test_explicit_pallas_loads_on_first_request(monkeypatch):
-  """implementation='pallas' works without importing pallas_kernels first (the registry loads it)."""
+def test_explicit_pallas_loads_on_first_request(monkeypatch, rng):
+  """implementation='pallas' registers the kernels on first request and dispatches to
+  pallas_kernels.gated_delta_rule.ops.gated_delta_rule_pallas with the validated arguments (a spy: no kernel runs)."""
+  from pallas_kernels.gated_delta_rule import ops as kernel_ops
+
   monkeypatch.delitem(gdr_module._IMPLEMENTATIONS, "pallas", raising=False)
-  assert get_gdn_implementation("pallas") is gdr_module._IMPLEMENTATIONS["pallas"]
+  assert "pallas" not in available_implementations()
+  calls = []
+
+  def spy(q, k, v, g, beta, **kw):
+    calls.append(kw)
+    return get_gdn_implementation("recurrent")(q, k, v, g, beta, **kw)
+
+  monkeypatch.setattr(kernel_ops, "gated_delta_rule_pallas", spy)
+  q, k, v, g, beta, state = realistic_inputs(rng, 1, 5, 1, 4, 4)
+  o, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, chunk_size=16, implementation="pallas")
+  assert "pallas" in available_implementations()
+  assert len(calls) == 1 and final is None
+  assert calls[0]["scale"] == pytest.approx(0.5) and calls[0]["chunk_size"] == 16
+  assert calls[0]["initial_state"] is state and calls[0]["segment_ids"] is None
+  want = gdn_numpy(q, k, v, g, beta, initial_state=state)[0]
+  assert rel_rmse(o, want) < 1e-5
+
+
+def test_pallas_falls_back_to_chunked_once(monkeypatch, rng):
+  """Where the kernels raise NotImplementedError for a call, 'pallas' runs 'chunked' with one warning."""
+  import warnings
+
+  from pallas_kernels.gated_delta_rule import ops as kernel_ops
+
+  def cannot(*args, **kwargs):
+    raise NotImplementedError("no kernel for this shape")
+
+  monkeypatch.delitem(gdr_module._IMPLEMENTATIONS, "pallas", raising=False)
+  monkeypatch.setattr(kernel_ops, "gated_delta_rule_pallas", cannot)
+  monkeypatch.setattr(gdr_module, "_FALLBACK_WARNED", set())
+  q, k, v, g, beta, state = realistic_inputs(rng, 1, 5, 1, 4, 4)
+  with pytest.warns(UserWarning, match="no kernel for this shape"):
+    o, _ = gated_delta_rule(q, k, v, g, beta, implementation="pallas")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    o2, _ = gated_delta_rule(q, k, v, g, beta, implementation="pallas")  # warned only once
+  want = gdn_numpy(q, k, v, g, beta)[0]
+  assert rel_rmse(o, want) < 1e-5 and rel_rmse(o2, want) < 1e-5

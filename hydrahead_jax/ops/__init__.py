@@ -1,4 +1,5 @@
-"""Ops: the gated delta rule (reference forms + registry of kernel implementations)."""
+"""Ops: the gated delta rule (validation, registry of implementations: the pure-JAX references and the Pallas
+kernels of ``pallas_kernels.gated_delta_rule``, dispatch)."""
 
 from hydrahead_jax.ops.gated_delta_rule import (
     available_implementations,

@@ -4,6 +4,10 @@ An implementation is a callable
   fn(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, output_final_state) -> (o, final_state)
 receiving validated arguments (``scale`` a Python float, ``initial_state`` / ``segment_ids`` possibly None) and
 returning o [B, T, H, V] in v's dtype and the float32 final state [B, H, K, V] (or None when not requested).
+
+Registered here, from the standalone kernel package ``pallas_kernels.gated_delta_rule`` (which imports nothing
+from this library): 'recurrent' and 'chunked', its pure-JAX references (``reference.py``,
+``reference_chunked.py``), and 'pallas', its kernels (``ops.py``), loaded on first request.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydrahead_jax.ops.gdn_chunked import gdn_chunked
-from hydrahead_jax.ops.gdn_recurrent import gdn_recurrent
+from pallas_kernels.gated_delta_rule.reference import gdn_recurrent
+from pallas_kernels.gated_delta_rule.reference_chunked import gdn_chunked
 
 Array = jax.Array
 
@@ -50,10 +54,26 @@ _FALLBACK_WARNED: set[str] = set()
 
 
 def _register_pallas() -> None:
-  """Registers 'pallas' by importing the kernel package (raises what the import raises)."""
-  from pallas_kernels.gated_delta_rule import register
+  """Registers 'pallas' by importing the kernels (raises what the import raises).
 
-  register()
+  The registered function runs ``gated_delta_rule_pallas``; where the kernels raise NotImplementedError or
+  ImportError for a call (a backend that cannot run it), it falls back to 'chunked' with a one-time warning.
+  """
+  from pallas_kernels.gated_delta_rule.ops import gated_delta_rule_pallas
+
+  def gdn_pallas(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, output_final_state):
+    kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+              output_final_state=output_final_state)
+    try:
+      return gated_delta_rule_pallas(q, k, v, g, beta, **kw)
+    except (NotImplementedError, ImportError) as err:
+      if "pallas-call" not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add("pallas-call")
+        warnings.warn(f"gated_delta_rule: Pallas kernels cannot run this call ({type(err).__name__}: {err}); "
+                      "using the pure-JAX 'chunked' implementation", stacklevel=3)
+      return gdn_chunked(q, k, v, g, beta, **kw)
+
+  register_gdn_implementation("pallas", gdn_pallas)
 
 
 def default_implementation() -> str:

@@ -1,5 +1,5 @@
 """The reference every backend of the fused head fusion matches: pure JAX, written from the math of
-``hydrahead_jax.mixer.ScaleNormFusion``.
+the model mixer's ``ScaleNormFusion``.
 
 Per head h of a layer's raw outputs (FA heads o_fa [B, T, Hf, K], then LA heads o_la [B, T, Hl, K]), in float32:
   scale_norm : FA  y = s_h o                       LA  y = gamma_h * o / rms(o)

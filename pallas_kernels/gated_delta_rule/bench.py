@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta_rule.ops import gated_delta_rule_pallas
-from pallas_kernels.gated_delta_rule.reference import gdn_chunked, gdn_recurrent
+from pallas_kernels.gated_delta_rule.reference import gdn_recurrent
+from pallas_kernels.gated_delta_rule.reference_chunked import gdn_chunked
 
 Array = jax.Array
 

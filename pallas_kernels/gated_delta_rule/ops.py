@@ -8,7 +8,6 @@ resets [B, T]. Inside ``jax.custom_vjp``: the backend's forward and backward ker
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -110,7 +109,7 @@ def gated_delta_rule_pallas(
     backend: str | None = None,
     config: object | None = None,
 ) -> tuple[Array, Array | None]:
-  """Pallas gated delta rule with the contract of ``hydrahead_jax.ops.gated_delta_rule``."""
+  """Pallas gated delta rule with the contract of the library's gated delta rule op (``reference.gdn_recurrent``)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   scale = K**-0.5 if scale is None else float(scale)
@@ -136,20 +135,3 @@ def gated_delta_rule_pallas(
   o, ht = _core(q_p, k_p, v_p, gc, beta_p, sid, h0, st)
   return o[:, :T], (ht if output_final_state else None)
 
-
-_warned: set[str] = set()
-
-
-def gdn_pallas_impl(q, k, v, g, beta, *, scale, initial_state, segment_ids, chunk_size, output_final_state):
-  """Registry entry ('pallas'): the kernels; where none can run, the 'chunked' op with a one-time warning."""
-  try:
-    return gated_delta_rule_pallas(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                   segment_ids=segment_ids, chunk_size=chunk_size,
-                                   output_final_state=output_final_state)
-  except (NotImplementedError, ImportError) as err:
-    if "fallback" not in _warned:
-      _warned.add("fallback")
-      warnings.warn(f"gated_delta_rule: Pallas kernels unavailable ({err}); using 'chunked'", stacklevel=2)
-    from hydrahead_jax.ops.gdn_chunked import gdn_chunked
-    return gdn_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-                       chunk_size=chunk_size, output_final_state=output_final_state)

@@ -1,6 +1,6 @@
 """The reference every backend of the fused short convolution matches: pure JAX, written from the math of
-``hydrahead_jax.layers.causal_depthwise_conv`` + SiLU (+ ``l2_normalize`` per head), as the Gated DeltaNet heads
-of ``hydrahead_jax.mixer`` apply it to q, k (normalised) and v (not).
+the model layers' ``causal_depthwise_conv`` + SiLU (+ ``l2_normalize`` per head), as the model's Gated DeltaNet
+heads apply it to q, k (normalised) and v (not).
 
 For x [B, T, C], w [W, C] and optional segment_ids [B, T], in float32:
   u_t = sum_{j<W} w[W-1-j] x_{t-j}   (taps before t=0 or across a segment boundary read zero)

@@ -1,4 +1,7 @@
-"""Chunked (WY / UT-transform) gated delta rule in pure JAX, with an analytic ``custom_vjp``.
+"""Chunked (WY / UT-transform) gated delta rule in pure JAX (XLA), with an analytic ``custom_vjp``.
+
+The second reference form: the same math as ``reference.gdn_recurrent`` in chunks, the default implementation
+where no Pallas backend runs.
 
 Per chunk of C tokens and per head (gc = within-chunk cumsum of g, S = state entering the chunk):
   Gam_ij = exp(gc_i - gc_j) for j <= i in the same segment, else 0      (decay matrix, Gam_ii = 1)
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from hydrahead_jax.ops.gdn_recurrent import einsum, segment_resets
+from pallas_kernels.gated_delta_rule.reference import einsum, segment_resets
 
 Array = jax.Array
 f32 = jnp.float32

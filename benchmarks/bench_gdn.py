@@ -3,6 +3,7 @@
 Parts (each a separate process so torch and JAX do not share the GPU allocator):
   check    Pallas vs the float32 recurrent reference on the GPU (o, final state, all gradients), bf16 and f32,
            ragged T, segment resets, initial state; a few inverse-precision variants.
+  headdims the same check at head dims that are not powers of two (HEAD_DIM_PAIRS; zero-padded by the op).
   bench    B=1, H=16, K=V=128, bf16: our Pallas GDN (tiling variants at 32K, the best at every T), the pure-JAX
            chunked GDN, cuDNN causal attention; forward and forward+backward medians (ms).
   fla      fla-core's chunk_gated_delta_rule, same shapes (its Hopper/Triton<3.7.1 guard bypassed for timing).
@@ -123,6 +124,47 @@ def part_check(out: str) -> dict:
       if dtype == jnp.float32:
         break
   _save(out, "check", res)
+  return res
+
+
+HEAD_DIM_PAIRS = ((24, 40), (80, 72), (16, 8))  # (K, V); ~40 s each on the H200 (compiles of both dtypes)
+
+
+def part_headdims(out: str) -> dict:
+  """Default Config vs the float32 recurrent reference at head dims that are not powers of two, bf16 and f32:
+  o, final state and all gradients (relative RMSE), B=2, T=300 (ragged), H=2, segment resets, initial state."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.gated_delta_rule import bench
+
+  res = {"versions": _versions()}
+  B, T, H = (2, 300, 2) if not INTERPRET else (1, 70, 1)
+  names = ("q", "k", "v", "g", "beta", "h0")
+  pairs = HEAD_DIM_PAIRS if not INTERPRET else HEAD_DIM_PAIRS[:1]
+  for K, V in pairs:
+    for dtype in (jnp.bfloat16, jnp.float32):
+      name = f"K{K}.V{V}.{jnp.dtype(dtype).name}"
+      try:
+        q, k, v, g, beta, h0, seg = bench.make_inputs(jax.random.PRNGKey(K * 1000 + V), B, T, H, K, V, dtype,
+                                                      segments=0.01)
+        do = jax.random.normal(jax.random.PRNGKey(2), (B, T, H, V), jnp.float32)
+        dht = jax.random.normal(jax.random.PRNGKey(3), (B, H, K, V), jnp.float32)
+        up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+        rf, rg = bench.fwd_and_grad(bench.gdn_fn("recurrent"), with_state=True)
+        ro, rht = rf(*up, h0, seg)
+        rgrads = rg(*up, h0, seg, do, dht)[1]
+        cfg = _config(None)  # None: the default GPU Config
+        pf, pg = bench.fwd_and_grad(bench.gdn_fn("pallas", backend="triton", config=cfg), with_state=True)
+        o, ht = pf(q, k, v, g, beta, h0, seg)
+        grads = pg(q, k, v, g, beta, h0, seg, do, dht)[1]
+        errs = {"o": bench.rel_rmse(o, ro), "ht": bench.rel_rmse(ht, rht)}
+        errs.update({n: bench.rel_rmse(a, b) for n, a, b in zip(names, grads, rgrads)})
+        res[name] = {n: round(e, 6) for n, e in errs.items()}
+      except Exception as ex:  # noqa: BLE001
+        res[name] = {"error": f"{type(ex).__name__}: {str(ex)[:1500]}"}
+        traceback.print_exc()
+      print(name, res[name], flush=True)
+  _save(out, "headdims", res)
   return res
 
 
@@ -385,7 +427,8 @@ def part_report(out: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("parts", nargs="+", choices=["check", "bench", "kernels", "fla", "big", "bigbwd", "report"])
+  parser.add_argument("parts", nargs="+", choices=["check", "headdims", "bench", "kernels", "fla", "big", "bigbwd",
+                                                      "report"])
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--variants", default="", help="comma-separated tiling variants timed at 32K")
   parser.add_argument("--ts", default="", help="comma-separated sequence lengths")

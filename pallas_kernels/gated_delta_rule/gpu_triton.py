@@ -61,6 +61,23 @@ class Config:
 
 INTERPRET = Config(block_v=0, chunks_per_program=0, dqk_block=16, wyb_block=16, interpret=True)  # tiled paths
 
+
+def padded_dim(d: int) -> int:
+  """Head dim (K or V) the kernels run at: a power of two (Triton's tensor sizes), at least 16 (its dot tiles).
+
+  ops.py zero-pads K and V to it; every tile width below then divides it (the tiles are powers of two too)."""
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def _tile(dim: int, block: int, what: str) -> int:
+  """Tile width of ``block`` (0: the whole dim) over ``dim``; a ValueError unless it divides dim (the kernels
+  loop over dim // width tiles, so a remainder would be silently skipped)."""
+  width = dim if block == 0 else min(block, dim)
+  if dim % width:
+    raise ValueError(f"gated delta rule (Triton): {what} tile {width} does not divide the head dim {dim}; "
+                     "call through ops.gated_delta_rule_pallas (it pads K and V to padded_dim)")
+  return width
+
 _PRECISIONS = {
     "ieee": lax.Precision.HIGHEST,
     "tf32": lax.Precision.DEFAULT,
@@ -359,7 +376,7 @@ def _par_layout(Tp: int, C: int, cfg: Config) -> tuple[int, int]:
 
 
 def _block_v(V: int, cfg: Config) -> int:
-  return V if cfg.block_v == 0 else min(cfg.block_v, V)
+  return _tile(V, cfg.block_v, "V (block_v)")
 
 
 def wy_fwd(q, k, v, gc, beta, sid, t_in=None, *, C: int, scale: float, cfg: Config, emit_t: bool = False):
@@ -423,7 +440,7 @@ def state_bwd(q, k, w, p, gc, sid, do, dht, *, C: int, scale: float, cfg: Config
 def _bwd_tiles(K: int, V: int, block: int, cd) -> dict:
   if jnp.dtype(cd) == jnp.float32:  # float32 tiles: keep shared memory in bounds
     block = 64 if block == 0 else min(block, 64)
-  return dict(bk=K if block == 0 else min(block, K), bv=V if block == 0 else min(block, V))
+  return dict(bk=_tile(K, block, "K (backward)"), bv=_tile(V, block, "V (backward)"))
 
 
 def dqk(q, k, gc, sid, hs, dhs, vn, dvn, do, *, C: int, scale: float, dq_dtype, cfg: Config):

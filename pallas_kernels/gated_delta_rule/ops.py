@@ -1,8 +1,14 @@
 """Glue of the Pallas gated delta rule: padding, gate/segment preparation, custom_vjp, backend choice.
 
-Outside the kernels (cheap [B, T, H] work, differentiated by XLA): the chunk-local cumsum of g (so the kernels
-return d gc and autodiff turns it into dg), beta in float32 [B, H, T], and the chunk-local count of segment
-resets [B, T]. Inside ``jax.custom_vjp``: the backend's forward and backward kernels.
+Outside the kernels (cheap work, differentiated by XLA): T padded to the chunk with no-op tokens, the head dims K
+and V zero-padded to what the backend's tiles need (``padded_dim``: Triton, a power of two >= 16), the chunk-local
+cumsum of g (so the kernels return d gc and autodiff turns it into dg), beta in float32 [B, H, T], and the
+chunk-local count of segment resets [B, T]. Inside ``jax.custom_vjp``: the backend's forward and backward kernels.
+
+Zero head-dim padding is exact: zero q / k channels add nothing to any dot product (q, k keep their norms, so
+L2-normalised inputs stay normalised), zero k channels leave the padded state rows at zero (the initial state is
+padded with zeros), and zero v channels give zero outputs. Outputs, final state and (through the pad's transpose)
+gradients are sliced back to K and V.
 """
 
 from __future__ import annotations
@@ -109,7 +115,15 @@ def gated_delta_rule_pallas(
     backend: str | None = None,
     config: object | None = None,
 ) -> tuple[Array, Array | None]:
-  """Pallas gated delta rule with the contract of the library's gated delta rule op (``reference.gdn_recurrent``)."""
+  """Pallas gated delta rule over [B, T, H, *] inputs, any T, K and V.
+
+  Per head: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = scale * S_t^T q_t
+  (``reference.gdn_recurrent``; q, k used as given, L2-normalise them beforehand). q, k [B, T, H, K], v [B, T, H, V],
+  g (log decay <= 0) and beta [B, T, H], initial_state [B, H, K, V] (float32 inside), segment_ids [B, T] int
+  (state zeroed where the id changes). Returns (o [B, T, H, V] in v's dtype, float32 final state [B, H, K, V] if
+  output_final_state else None); differentiable in q, k, v, g, beta and initial_state.
+  ``backend``: 'triton' | 'tpu' (default: ``default_backend()``), ``config`` its Config.
+  """
   B, T, H, K = q.shape
   V = v.shape[-1]
   scale = K**-0.5 if scale is None else float(scale)
@@ -118,20 +132,24 @@ def gated_delta_rule_pallas(
     config = default_cfg if config is None else config
   elif config is None:
     config = _backend_module(backend).Config()
+  mod = _backend_module(backend)
+  Kp, Vp = mod.padded_dim(K), mod.padded_dim(V)
   C = _chunk_size(chunk_size)
   pad = -T % C
   cd = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), v.dtype)
 
-  def prep(x, dtype):
+  def prep(x, dtype, last=0):
     x = x.astype(dtype)
-    return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+    widths = ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3) + ((0, last),)
+    return jnp.pad(x, widths) if pad or last else x
 
-  q_p, k_p, v_p = prep(q, cd), prep(k, cd), prep(v, cd)
+  q_p, k_p, v_p = prep(q, cd, Kp - K), prep(k, cd, Kp - K), prep(v, cd, Vp - V)
   gc = _chunk_cumsum(prep(g, f32), C)
   beta_p = prep(beta, f32).transpose(0, 2, 1)
   sid = None if segment_ids is None else _segment_counts(segment_ids, T + pad, C)
-  h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+  h0 = jnp.zeros((B, H, Kp, Vp), f32)
+  if initial_state is not None:
+    h0 = jnp.pad(initial_state.astype(f32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
   st = Static(scale, C, backend, config, jnp.dtype(v.dtype))
   o, ht = _core(q_p, k_p, v_p, gc, beta_p, sid, h0, st)
-  return o[:, :T], (ht if output_final_state else None)
-
+  return o[:, :T, :, :V], (ht[:, :, :K, :V] if output_final_state else None)

@@ -39,6 +39,11 @@ class Config:
 INTERPRET = Config(interpret=True)
 
 
+def padded_dim(d: int) -> int:
+  """Head dim (K or V) the kernels run at: unchanged, every block spans the whole K and V (legal for any size)."""
+  return d
+
+
 class _Gates:
   """Chunk decay as columns [C, 1] (d, e), a [1, 1] gam and the masked C x C Gam."""
 

@@ -75,13 +75,14 @@ class TrainConfig:
   eval_batch_size: int = 16
   data_parallel: int = -1  # devices on the 'data' mesh axis; -1: all (divided by fsdp)
   fsdp: int = 1
+  context_parallel: int = 1  # devices on the 'context' mesh axis: each sequence split over them (docs/parallelism.md)
   progress: bool = True  # tqdm progress bar
   distributed: bool = False  # call jax.distributed.initialize() (multi-host)
   xla_flags: str = ""  # appended to XLA_FLAGS by train.py before JAX starts (ignored once it has)
 
   def __post_init__(self):
     _typecheck(self, 'train')
-    for name in ("steps", "grad_accum", "log_every", "eval_examples", "eval_batch_size", "fsdp"):
+    for name in ("steps", "grad_accum", "log_every", "eval_examples", "eval_batch_size", "fsdp", "context_parallel"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
     if self.answer_loss_weight < 0:
@@ -502,7 +503,7 @@ RESUME_SAFE = (
     "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.eval_tasks",
     "train.eval_examples", "train.eval_len", "train.eval_seed", "train.eval_batch_size",
     "train.progress", "train.distributed", "train.xla_flags", "train.answer_loss_weight", "train.seed",
-    "train.data_parallel", "train.fsdp",
+    "train.data_parallel", "train.fsdp", "train.context_parallel",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
     "checkpoint.fallback", "checkpoint.on_save_error",
 )

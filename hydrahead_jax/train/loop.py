@@ -51,21 +51,32 @@ class TrainingDiverged(RuntimeError):
 
 # -- small helpers --------------------------------------------------------------------------------
 def make_mesh(cfg: Config) -> jax.sharding.Mesh:
+  """data x fsdp x context mesh (axes of size 1 besides 'data' left out); 'context' splits every sequence
+  (hydrahead_jax/parallel/context.py)."""
   devices = jax.devices()
-  fsdp = cfg.train.fsdp
-  dp = cfg.train.data_parallel if cfg.train.data_parallel != -1 else len(devices) // fsdp
-  n = dp * fsdp
+  fsdp, cp = cfg.train.fsdp, cfg.train.context_parallel
+  dp = cfg.train.data_parallel if cfg.train.data_parallel != -1 else len(devices) // (fsdp * cp)
+  n = dp * fsdp * cp
   if n < 1 or n > len(devices):
-    raise ValueError(f"train.data_parallel={cfg.train.data_parallel} x train.fsdp={fsdp} needs {n} "
-                     f"devices; {len(devices)} available")
+    raise ValueError(f"train.data_parallel={cfg.train.data_parallel} x train.fsdp={fsdp} x "
+                     f"train.context_parallel={cp} needs {n} devices; {len(devices)} available")
   micro = cfg.data.batch_size // cfg.train.grad_accum
-  if micro % n:
+  if micro % (dp * fsdp):
     raise ValueError(f"microbatch of {micro} rows (data.batch_size / train.grad_accum) is not divisible "
-                     f"by the {n} devices of the data/fsdp mesh axes")
+                     f"by the {dp * fsdp} devices of the data/fsdp mesh axes")
+  for what, length in (("data.seq_len", cfg.data.seq_len), ("train.eval_len", cfg.train.eval_len)):
+    if length is not None and length % cp:
+      raise ValueError(f"{what}={length} is not divisible by train.context_parallel={cp}")
   # Only axes of size > 1 besides 'data': the rule table maps both 'batch' and 'embed' to 'fsdp'.
-  shape, axes = ((dp, fsdp), BATCH_AXES) if fsdp > 1 else ((dp,), BATCH_AXES[:1])
-  return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
-                       devices=devices[:n])
+  sizes = [(a, s) for a, s in (("data", dp), ("fsdp", fsdp), ("context", cp)) if a == "data" or s > 1]
+  return jax.make_mesh(tuple(s for _, s in sizes), tuple(a for a, _ in sizes),
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices[:n])
+
+
+def batch_pspec(mesh) -> P:
+  """[B, T] batch arrays: rows over the data/fsdp axes, positions over 'context' (when the mesh has it)."""
+  rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return P(rows, "context") if "context" in mesh.axis_names else P(rows)
 
 
 class SignalFlag:
@@ -250,7 +261,7 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
 
   mesh = make_mesh(cfg)
   n_dev = mesh.devices.size
-  batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+  batch_sharding = NamedSharding(mesh, batch_pspec(mesh))
   replicated = NamedSharding(mesh, P())
   log = MetricsLog(workdir, is_main)
   trainer = Trainer(cfg, mesh, ckpt)

@@ -2,7 +2,8 @@
 
 Forward and every gradient (FA and LA outputs, the scales, the gate's pre-activation z and bias) for each variant,
 with and without the LA gate, f32 and bf16,
-all-FA / all-LA layers, bad arguments, and the mixer with the kernel forced equal to its default path.
+all-FA / all-LA layers, head dims that are not powers of two (zero-padded to one inside the op), bad arguments, and
+the mixer with the kernel forced equal to its default path.
 Relative RMSE: forward 1e-5 (f32) / 1e-2 (bf16), gradients 1e-4 (f32) / 1e-2 (bf16).
 Shapes are tiny (B=2, T=12 -> 24 rows, padded to 2 programs of 16 rows); one jit per case.
 """
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pallas_kernels.fusion_norm import fused_head_fusion, fused_head_fusion_reference
+from pallas_kernels.fusion_norm import fused_head_fusion, fused_head_fusion_reference, gpu_triton
+from pallas_kernels.lower_check import lower_for_cuda, verified_triton_modules
 
 B, T, H, K = 2, 12, 4, 16
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2)}
@@ -28,7 +30,7 @@ def _rel(a, b) -> float:
   return float(np.sqrt(np.mean((a - b)**2)) / (np.sqrt(np.mean(b**2)) + 1e-30))
 
 
-def _inputs(rng, variant, fa_heads, gated, dtype, z_bias=True):
+def _inputs(rng, variant, fa_heads, gated, dtype, z_bias=True, K=K):
   """Random head outputs, scales around 1 (never zero), gate pre-activation and bias: the differentiable args."""
   Hf, Hl = fa_heads, H - fa_heads
   normal = lambda shape, loc=0.0: rng.normal(loc, 1.0, size=shape).astype(np.float32)  # noqa: E731
@@ -69,8 +71,8 @@ def _call(fn):
   return wrapped
 
 
-def _compare(rng, variant, fa_heads, gated, dtype=jnp.float32, eps=1e-6, z_bias=True):
-  args = _inputs(rng, variant, fa_heads, gated, dtype, z_bias)
+def _compare(rng, variant, fa_heads, gated, dtype=jnp.float32, eps=1e-6, z_bias=True, K=K):
+  args = _inputs(rng, variant, fa_heads, gated, dtype, z_bias, K)
   dy = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
   y, grads = _fwd_grad(_call(fused_head_fusion), variant, eps)(args, dy)
   ry, rgrads = _fwd_grad(_call(fused_head_fusion_reference), variant, eps)(args, dy)
@@ -95,6 +97,31 @@ def test_variants_f32(variant, gated, rng):
 def test_bf16(variant, gated, rng):
   """bf16 head outputs and gate (float32 math inside); grads in the input dtypes."""
   _compare(rng, variant, 2, gated, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("head_dim", [24, 72, 96])
+def test_head_dims(head_dim, rng):
+  """Any head dim (Triton needs powers of two: the op zero-pads K, the norm averages over the true K): both norms,
+  the scale matrix, the gate and its bias, one FA and three LA heads."""
+  _compare(rng, "rmsnorm_all", 1, True, K=head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [24, 128])
+def test_lowers_for_cuda(head_dim):
+  """Forward + all gradients with the GPU Config lower for CUDA (Triton IR verified, no GPU needed), also for a
+  head dim that is not a power of two (Triton's tensor sizes are met by the op's zero padding)."""
+  Hf, Hl, N = 2, 6, 64
+
+  def loss(o_fa, o_la, fs, ls, z, zb):
+    y = fused_head_fusion(o_fa, o_la, "scale_norm", fs, None, ls, z, zb, config=gpu_triton.Config())
+    return jnp.sum(y.astype(jnp.float32))
+
+  S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  args = (S((1, N, Hf, head_dim), bf), S((1, N, Hl, head_dim), bf), S((Hf,), jnp.float32),
+          S((Hl, head_dim), jnp.float32), S((1, N, Hl, head_dim), bf), S((Hl, head_dim), jnp.float32))
+  with verified_triton_modules() as names:
+    lower_for_cuda(jax.value_and_grad(loss, argnums=tuple(range(6))), *args)
+  assert names == ["fusion_norm_fwd", "fusion_norm_bwd"]
 
 
 def test_all_fa_layer(rng):
@@ -128,32 +155,32 @@ def test_bad_arguments(rng):
 
 def test_mixer_uses_kernel_when_forced(rng, monkeypatch):
   """HydraHeadMixer with the fused kernel forced (interpret mode) equals its default (XLA) path."""
-  from hydrahead_jax import mixer as mixer_mod
+  from hydrahead_jax.nn import mixer as mixer_mod
   from hydrahead_jax.config import HeadLayout, ModelConfig
-  from hydrahead_jax.layers import rope_angles
+  from hydrahead_jax.nn.layers import rope_angles
 
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                     dtype="float32", la_chunk_size=8, la_output_gate=True, layout=HeadLayout.per_layer(1, [1]))
-  mixer = mixer_mod.HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-  fusion = mixer.fusion
-  fusion.fa_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.fa_scale.shape), jnp.float32)
-  fusion.la_norm_scale[...] = jnp.asarray(rng.normal(1.0, 0.5, fusion.la_norm_scale.shape), jnp.float32)
-  mixer.la.z_bias[...] = jnp.asarray(rng.normal(0.0, 1.0, mixer.la.z_bias.shape), jnp.float32)
+  seed = int(rng.integers(1 << 30))
+  mixers = [mixer_mod.HydraHeadMixer(cfg.replace(fusion_implementation=impl), 1, rngs=nnx.Rngs(seed))
+            for impl in ("xla", "pallas")]  # the same parameters, two kernel choices
+  fa_scale = jnp.asarray(rng.normal(1.0, 0.5, mixers[0].fusion.fa_scale.shape), jnp.float32)
+  la_norm_scale = jnp.asarray(rng.normal(1.0, 0.5, mixers[0].fusion.la_norm_scale.shape), jnp.float32)
+  z_bias = jnp.asarray(rng.normal(0.0, 1.0, mixers[0].la.z_bias.shape), jnp.float32)
+  for mixer in mixers:
+    mixer.fusion.fa_scale[...], mixer.fusion.la_norm_scale[...], mixer.la.z_bias[...] = fa_scale, la_norm_scale, z_bias
   x = jnp.asarray(rng.normal(size=(1, 10, cfg.d_model)), jnp.float32)
   pos = jnp.arange(10, dtype=jnp.int32)[None]
   cos_sin = rope_angles(pos, cfg.head_dim, cfg.rope_theta)
 
-  def run(m, x):  # a fresh jit per flag value (jit's cache does not see module flags)
-    return nnx.jit(lambda m, x: m(x, cos_sin, None))(m, x)
+  run = nnx.jit(lambda m, x: m(x, cos_sin, None))  # one jit: the kernel choice is part of the model's graphdef
 
   import pallas_kernels.fusion_norm as package
   calls = []
   monkeypatch.setattr(package, "fused_head_fusion", lambda *a, **k: calls.append(1) or fused_head_fusion(*a, **k))
-  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", False)
-  y_ref, raw_ref = run(mixer, x)
+  y_ref, raw_ref = run(mixers[0], x)
   assert not calls
-  monkeypatch.setattr(mixer_mod, "USE_FUSED_FUSION", True)
-  y, raw = run(mixer, x)
+  y, raw = run(mixers[1], x)
   assert calls
   np.testing.assert_array_equal(np.asarray(raw), np.asarray(raw_ref))
   assert _rel(y, y_ref) < 1e-5

@@ -3,7 +3,8 @@
 Grid: one program per block of R rows of the flattened [N = B*T, *, K] head outputs, read from the FA and the LA
 outputs as they come (no concatenation before the kernel); the output [N, Hf + Hl, K] is the input of W_o. Each
 program walks the heads with a static loop (the head kind, FA or LA, and so the math, is known at trace time), so
-every tile it touches is [R, K] and every per-head parameter row is [K]. Per-head flags (static):
+every tile it touches is [R, K] and every per-head parameter row is [K], K a power of two (Triton's tensor sizes:
+the glue zero-pads the head dim; the norm's mean divides by the true ``Heads.dim``). Per-head flags (static):
   norm   y = x / rms(x) first              (LA heads unless 'none'; FA heads for 'rmsnorm_all')
   scaled y *= w_h (a [K] row of the per-head scale matrix; FA 'scale_norm' rows repeat the scalar)
   gated  y *= SiLU(u), u = z + z_bias      (LA heads with an output gate: the gate's pre-activation goes in)
@@ -51,6 +52,7 @@ class Heads:
   scaled: bool
   gated: bool
   eps: float
+  dim: int  # true head dim: the RMS mean is over these channels (lanes past it are zero padding)
 
   def kinds(self):
     """(head index in the output, index in its own input, is_fa) for every head."""
@@ -58,8 +60,9 @@ class Heads:
         (self.fa_heads + j, j, False) for j in range(self.la_heads)]
 
 
-def _normalize(x_RxK: Array, eps: float) -> tuple[Array, Array]:
-  r_Rx1 = jax.lax.rsqrt(jnp.mean(x_RxK * x_RxK, axis=1, keepdims=True) + eps)
+def _normalize(x_RxK: Array, hs: Heads) -> tuple[Array, Array]:
+  """x / rms(x) and 1 / rms(x) over the true head dim (zero padding lanes add nothing to the sum)."""
+  r_Rx1 = jax.lax.rsqrt(jnp.sum(x_RxK * x_RxK, axis=1, keepdims=True) / hs.dim + hs.eps)
   return x_RxK * r_Rx1, r_Rx1
 
 
@@ -72,7 +75,7 @@ def _fwd_kernel(ofa_ref, ola_ref, w_ref, z_ref, zb_ref, y_ref, *, hs: Heads):
   for h, i, fa in hs.kinds():
     y_RxK = (ofa_ref if fa else ola_ref)[:, i, :].astype(f32)
     if hs.norm_fa if fa else hs.norm_la:
-      y_RxK, _ = _normalize(y_RxK, hs.eps)
+      y_RxK, _ = _normalize(y_RxK, hs)
     if hs.scaled:
       y_RxK = y_RxK * w_ref[h, :].astype(f32)[None, :]
     if hs.gated and not fa:
@@ -87,7 +90,7 @@ def _bwd_kernel(ofa_ref, ola_ref, w_ref, z_ref, zb_ref, dy_ref, dofa_ref, dola_r
     n_RxK, dy_RxK = (ofa_ref if fa else ola_ref)[:, i, :].astype(f32), dy_ref[:, h, :].astype(f32)
     r_Rx1 = None
     if hs.norm_fa if fa else hs.norm_la:
-      n_RxK, r_Rx1 = _normalize(n_RxK, hs.eps)
+      n_RxK, r_Rx1 = _normalize(n_RxK, hs)
     w_1xK = w_ref[h, :].astype(f32)[None, :] if hs.scaled else None
     if hs.gated and not fa:
       u_RxK = _gate_pre(z_ref, zb_ref, i)
@@ -102,7 +105,7 @@ def _bwd_kernel(ofa_ref, ola_ref, w_ref, z_ref, zb_ref, dy_ref, dofa_ref, dola_r
       dw_ref[h, :] = jnp.sum(dy_RxK * n_RxK, axis=0)
       dy_RxK = dy_RxK * w_1xK
     if r_Rx1 is not None:
-      dy_RxK = r_Rx1 * (dy_RxK - n_RxK * jnp.mean(dy_RxK * n_RxK, axis=1, keepdims=True))
+      dy_RxK = r_Rx1 * (dy_RxK - n_RxK * (jnp.sum(dy_RxK * n_RxK, axis=1, keepdims=True) / hs.dim))
     (dofa_ref if fa else dola_ref)[:, i, :] = dy_RxK.astype((dofa_ref if fa else dola_ref).dtype)
 
 

@@ -4,7 +4,9 @@ Outside the kernels (tiny [H, K] work, differentiated by XLA): the per-head scal
 FA rows are the scalar s_h repeated ('scale_norm') or gamma_h ('rmsnorm_all'), LA rows gamma_h — so autodiff of
 that assembly maps the kernel's dw back onto fa_scale / fa_norm_scale / la_norm_scale. Inside ``jax.custom_vjp``:
 the backend's forward and analytic backward kernels on [B*T, H, K] rows padded to the row block (zero rows:
-finite, zero cotangent, sliced off).
+finite, zero cotangent, sliced off) and, for Triton's power-of-two tensor sizes, the head dim K zero-padded to
+``padded_dim(K)`` (exact: padded lanes of o, z and the scales are zero, so they add nothing to the norm's sum of
+squares, whose mean the kernels take over the true K, and their outputs, zero, are sliced off with their gradients).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ f32 = jnp.float32
 class Static(NamedTuple):
   hs: gpu_triton.Heads
   cfg: gpu_triton.Config
+
+
+def padded_dim(K: int) -> int:
+  """Head dim the kernels run at: the next power of two (Triton's tensor sizes)."""
+  return 1 << (K - 1).bit_length()
 
 
 def default_config() -> gpu_triton.Config:
@@ -84,16 +91,20 @@ def fused_head_fusion(o_fa_BxTxHfxK: Array | None, o_la_BxTxHlxK: Array | None, 
   Hf = 0 if o_fa_BxTxHfxK is None else o_fa_BxTxHfxK.shape[2]
   Hl = 0 if o_la_BxTxHlxK is None else o_la_BxTxHlxK.shape[2]
   N, R = B * T, cfg.block_rows
-  pad = -N % R
+  pad, kpad = -N % R, padded_dim(K) - K
 
   def rows(x):
     if x is None:
       return None
     x = x.reshape(N, x.shape[2], K)
-    return jnp.pad(x, ((0, pad), (0, 0), (0, 0))) if pad else x
+    return jnp.pad(x, ((0, pad), (0, 0), (0, kpad))) if pad or kpad else x
+
+  def lanes(x):  # [heads, K] parameters
+    return x if x is None or not kpad else jnp.pad(x, ((0, 0), (0, kpad)))
 
   w_HxK = _scale_matrix(Hf, Hl, K, variant, fa_scale_Hf, fa_norm_scale_HfxK, la_norm_scale_HlxK)
   hs = gpu_triton.Heads(fa_heads=Hf, la_heads=Hl, norm_fa=variant == "rmsnorm_all", norm_la=variant != "none",
-                        scaled=w_HxK is not None, gated=z_BxTxHlxK is not None, eps=float(eps))
-  y = _core(rows(o_fa_BxTxHfxK), rows(o_la_BxTxHlxK), w_HxK, rows(z_BxTxHlxK), z_bias_HlxK, Static(hs, cfg))
-  return y[:N].reshape(B, T, Hf + Hl, K)
+                        scaled=w_HxK is not None, gated=z_BxTxHlxK is not None, eps=float(eps), dim=K)
+  y = _core(rows(o_fa_BxTxHfxK), rows(o_la_BxTxHlxK), lanes(w_HxK), rows(z_BxTxHlxK), lanes(z_bias_HlxK),
+            Static(hs, cfg))
+  return y[:N, :, :K].reshape(B, T, Hf + Hl, K)

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydrahead_jax.layers import causal_depthwise_conv, l2_normalize
+from hydrahead_jax.nn.layers import causal_depthwise_conv, l2_normalize
+from pallas_kernels.lower_check import verified_triton_modules
 from pallas_kernels.short_conv import gpu_triton, short_conv, short_conv_reference
-from pallas_kernels.short_conv.lower_check import lower_for_cuda, verified_triton_modules
+from pallas_kernels.short_conv.lower_check import lower_for_cuda
 
 B, T, C, K = 2, 40, 32, 16
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (1e-2, 1e-2)}
@@ -94,6 +95,13 @@ def test_masked_lanes(rng):
   _compare(rng, head_dim=None, segments=True, W=1, C=40, config=config)
 
 
+@pytest.mark.parametrize("head_dim", [24, 72, 96])
+def test_head_dims(head_dim, rng):
+  """Head dims that are not powers of two: one head per program in a power-of-two lane tile, the lanes past the
+  head masked (no padding needed), two heads, segments, W = 4."""
+  _compare(rng, head_dim=head_dim, segments=True, W=4, C=2 * head_dim)
+
+
 def test_reference_matches_model_layers(rng):
   """The reference is the model's causal_depthwise_conv + SiLU (+ l2_normalize per head), float32."""
   x, w, sid, _ = _inputs(rng, B, T, C, 4, jnp.float32, True)
@@ -123,12 +131,13 @@ def test_bad_arguments(rng):
         fn(*args, **kw)
 
 
-@pytest.mark.parametrize("head_dim", [128, None], ids=["norm", "nonorm"])
-def test_lowers_for_cuda(head_dim):
-  """jit(value_and_grad) of the model's shape (bf16, B=1, T=4096, C=14*128, W=4) lowers for CUDA with the
-  Triton config; both Triton modules pass the MLIR verifier."""
+@pytest.mark.parametrize("head_dim,C", [(128, 14 * 128), (None, 14 * 128), (96, 14 * 96)],
+                         ids=["norm", "nonorm", "norm-K96"])
+def test_lowers_for_cuda(head_dim, C):
+  """jit(value_and_grad) of the model's shape (bf16, B=1, T=4096, C=14*128, W=4; and 14 heads of 96) lowers for
+  CUDA with the Triton config; all three Triton modules pass the MLIR verifier."""
   with verified_triton_modules() as names:
-    lower_for_cuda(head_dim, segments=True)
+    lower_for_cuda(head_dim, segments=True, C=C)
   assert sorted(names) == ["short_conv_bwd_du", "short_conv_bwd_dx", "short_conv_fwd"]
 
 
@@ -136,35 +145,33 @@ def test_mixer_with_kernel_equals_xla_path(rng, monkeypatch):
   """GatedDeltaNet with the short-conv kernel forced (interpret mode) equals its XLA path: outputs and grads."""
   from flax import nnx
 
-  from hydrahead_jax import mixer as mixer_mod
+  from hydrahead_jax.nn import mixer as mixer_mod
   from hydrahead_jax.config import HeadLayout, ModelConfig
-  from hydrahead_jax.layers import rope_angles
+  from hydrahead_jax.nn.layers import rope_angles
 
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                     dtype="float32", la_chunk_size=8, layout=HeadLayout.per_layer(1, [1]))
-  layer = mixer_mod.HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  seed = int(rng.integers(1 << 30))
+  xla_layer, kernel_layer = (mixer_mod.HydraHeadMixer(cfg.replace(conv_implementation=impl), 1, rngs=nnx.Rngs(seed))
+                             for impl in ("xla", "pallas"))  # the same parameters, two kernel choices
   x = jnp.asarray(rng.normal(size=(2, 12, cfg.d_model)), jnp.float32)
   seg = jnp.asarray(np.cumsum(rng.random((2, 12)) < 0.2, axis=1), jnp.int32)
   cos_sin = rope_angles(jnp.arange(12, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
 
-  def run(m, x):  # a fresh jit per flag value (jit's cache does not see module flags)
-    @nnx.jit
-    def step(m, x):
-      def loss(m, x):
-        y = m(x, cos_sin, seg)[0]
-        return jnp.sum(y * y), y
-      (_, y), (gm, gx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(m, x)
-      return y, gx, gm.la.conv_q[...], gm.la.conv_v[...]
-    return step(m, x)
+  @nnx.jit  # one jit: the kernel choice is part of the model's graphdef
+  def run(m, x):
+    def loss(m, x):
+      y = m(x, cos_sin, seg)[0]
+      return jnp.sum(y * y), y
+    (_, y), (gm, gx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(m, x)
+    return y, gx, gm.la.conv_q[...], gm.la.conv_v[...]
 
   import pallas_kernels.short_conv as package
   calls = []
   monkeypatch.setattr(package, "short_conv", lambda *a, **k: calls.append(1) or short_conv(*a, **k))
-  monkeypatch.setattr(mixer_mod, "USE_CONV_KERNEL", False)
-  ref = run(layer, x)
+  ref = run(xla_layer, x)
   assert not calls
-  monkeypatch.setattr(mixer_mod, "USE_CONV_KERNEL", True)
-  out = run(layer, x)
+  out = run(kernel_layer, x)
   assert len(calls) == 3  # q, k, v
   for a, b in zip(out, ref):
     assert _rel(a, b) < 1e-4

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 FUSION_VARIANTS = ("scale_norm", "rmsnorm_all", "none")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "save_proj", "offload")  # per layer; see nn/model.py _REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
@@ -55,6 +56,7 @@ class FullAttention(nnx.Module):
 
   def attend(self, q, k, v, *, cos_sin, segment_ids_BxT):
     """Attention output [B, T, Hf, K] from the projected q [B, T, Hf, K], k and v [B, T, Gf, K]."""
+    q, k, v = (checkpoint_name(x, "mixer_proj") for x in (q, k, v))  # remat 'save_proj' (nn/model.py)
     q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK = q, k, v
     if self.q_norm is not None:
       q_BxTxHfxK, k_BxTxGfxK = self.q_norm(q_BxTxHfxK), self.k_norm(k_BxTxGfxK)

@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import (HEADS_NAMES, causal_depthwise_conv, fan_in_normal, l2_normalize, make_param,
@@ -116,6 +117,8 @@ class GatedDeltaNet(nnx.Module):
     """(raw head outputs [B, T, H, K], the gate's projection W_z x or None) from the projected inputs
     q, k, v, z [B, T, H, K] and a, b [B, T, H]."""
     cfg, dt = self.cfg, self.cfg.dtype
+    q, k, v, a, b = (checkpoint_name(x, "mixer_proj") for x in (q, k, v, a, b))  # remat 'save_proj' (nn/model.py)
+    z = None if z is None else checkpoint_name(z, "mixer_proj")
     q_BxTxHxK = self._conv(q, self.conv_q, segment_ids_BxT, normalize=True)
     k_BxTxHxK = self._conv(k, self.conv_k, segment_ids_BxT, normalize=True)
     v_BxTxHxK = self._conv(v, self.conv_v, segment_ids_BxT, normalize=False)

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import Embedding, RMSNorm, SwiGLU, fan_in_normal, make_param, rope_angles
@@ -65,6 +66,7 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
 
   def __call__(self, x_BxTxD, cos_sin, segment_ids_BxT, patch=None):
+    x_BxTxD = checkpoint_name(x_BxTxD, "block_in")  # the residual stream entering the layer (remat 'offload')
     h_BxTxD = self.attn_norm(x_BxTxD)
     y_BxTxD, heads_BxTxHxK = self.mixer(h_BxTxD, cos_sin, segment_ids_BxT, patch)
     x_BxTxD = constrain(x_BxTxD + y_BxTxD, ACT_NAMES)
@@ -91,9 +93,20 @@ def _make_stack(cfg: ModelConfig, seg: Segment, rngs: nnx.Rngs) -> Block:
   return create(rngs)
 
 
+# Remat (ModelConfig.remat) is applied per layer. Names are ``checkpoint_name`` tags: 'block_in' (the layer's
+# input, model.py), 'mixer_proj' (the mixer's input projections q/k/v and the GDN a/b/z, attention.py and
+# gated_deltanet.py). Kernel residuals (cuDNN attention statistics, the GDN chunk states) carry no name, so a
+# policy that keeps a kernel's output but not its residuals still re-runs the kernel's forward: none does.
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,  # save nothing but the layer input: one extra forward, least memory on the device
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output (MLP too): most memory
+    # the mixer's input projections only: the backward skips those matmuls, recomputes the MLP, norms and kernels
+    "save_proj": jax.checkpoint_policies.save_only_these_names("mixer_proj"),
+    # as 'full', with each layer's input (the [B, T, D] residual stream saved for the backward, L of them)
+    # moved to pinned host memory after the forward and brought back for the layer's backward
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["block_in"], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -145,6 +158,23 @@ class HydraHeadLM(nnx.Module):
     """
     return self._forward(tokens_BxT, segment_ids, positions, head_patch, ())[0]
 
+  def hidden(self, tokens_BxT: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+             *, head_patch: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Final hidden states [B, T, D] (after ``final_norm``, in ``cfg.dtype``), without the vocabulary projection.
+
+    ``logits = hidden @ W`` with ``W, layout = output_projection()``; ``hydrahead_jax.losses`` computes the loss
+    from these chunk by chunk, never holding [B, T, V] logits. Arguments as ``__call__``.
+    """
+    return self._trunk(tokens_BxT, segment_ids, positions, head_patch, ())[0]
+
+  def output_projection(self) -> tuple[jax.Array, str]:
+    """The vocabulary projection as (weight, layout): the tied embedding [V, D] with layout 'vd'
+    (logits = x W^T), else ``lm_head`` [D, V] with 'dv' (logits = x W). The raw parameter value (param dtype),
+    so gradients reach it."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding[...], "vd"
+    return self.lm_head[...], "dv"
+
   def intermediates(self, tokens_BxT: jax.Array, names: tuple[str, ...] = INTERMEDIATES,
                     segment_ids: jax.Array | None = None, positions: jax.Array | None = None, *,
                     head_patch: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -157,6 +187,17 @@ class HydraHeadLM(nnx.Module):
     return self._forward(tokens_BxT, segment_ids, positions, head_patch, tuple(names))
 
   def _forward(self, tokens_BxT, segment_ids, positions, head_patch, keep):
+    cfg = self.cfg
+    x, inter = self._trunk(tokens_BxT, segment_ids, positions, head_patch, keep)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits, inter
+
+  def _trunk(self, tokens_BxT, segment_ids, positions, head_patch, keep):
+    """(final-normed hidden states [B, T, D], {name: [L, ...]} intermediates)."""
     cfg = self.cfg
     if tokens_BxT.ndim != 2:
       raise ValueError(f"HydraHeadLM: tokens must be [B, T] int, got shape {tokens_BxT.shape}")
@@ -171,13 +212,8 @@ class HydraHeadLM(nnx.Module):
     for seg, stack in zip(self.segments_plan, self.segments):
       x, inter = self._run_segment(seg, stack, x, cos_sin, segment_ids, head_patch, keep)
       collected.append(inter)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype)).astype(jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"))
-    return logits, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
+    x = constrain(self.final_norm(x), ACT_NAMES)
+    return x, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
 
   def extend(self, tokens_BxT: jax.Array, cache, valid_BxT: jax.Array | None = None, *,
              last_only: bool = False) -> tuple[jax.Array, object]:

@@ -8,15 +8,22 @@ each Q and K head for its RoPE kernel (``permute`` in convert_hf_to_gguf.py: row
 
 Supported architectures: ``llama`` (Llama family, e.g. SmolLM2; no QK-norm, Q/K permuted) and ``qwen3``
 (QK-norm, not permuted). Tokenizers: ``tokenizer.ggml.model == 'gpt2'`` (byte-level BPE with merges).
+
+Integrity (docs/reliability.md): before any tensor is read, the header must lie inside the file and every
+tensor's byte range (offset + size from its type and shape) must end inside the file; a truncated or damaged
+file, an unsupported quantisation type or architecture is a ``GGUFError`` (a ``UserError`` and ``ValueError``)
+naming the file, the tensor and the bytes expected and present.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from hydrahead_jax.cli import UserError
 from hydrahead_jax.config import HeadLayout, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
@@ -41,6 +48,15 @@ _LAYER = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _LAYER_INV = {v: k for k, v in _LAYER.items()}
+_FIX = "re-download or re-export it"
+
+
+class GGUFError(UserError, ValueError):
+  """A GGUF file that cannot be used as it is (truncated, damaged, unsupported); one line naming the file."""
+
+
+class GGUFMissingError(UserError, FileNotFoundError):
+  """No file at the given GGUF path."""
 _GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
 
 
@@ -94,21 +110,27 @@ class _Header:
 
     self.path = path
     with open(path, "rb") as f:
+      self.file_size = os.fstat(f.fileno()).st_size
       buf = f.read(1 << 20)
       self._f, self._buf, self._pos, self._unpack = f, buf, 0, struct.unpack_from
+      self._what = "the magic number"
       if self._raw(4) != b"GGUF":
-        raise ValueError("not a GGUF file (bad magic)")
+        raise ValueError(f"not a GGUF file (its first bytes are {self._buf[:4]!r}, not b'GGUF')")
       version = self._scalar(4)
       if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 and 3 are; big-endian files are not)")
       n_tensors, n_kv = self._scalar(10), self._scalar(10)
       self.fields: dict[str, Any] = {}
-      for _ in range(n_kv):
+      for i in range(n_kv):
+        self._what = f"metadata item {i + 1} of {n_kv}"
         key = self._string()
+        self._what = f"metadata item {key!r} ({i + 1} of {n_kv})"
         self.fields[key] = self._value(self._scalar(4))
       self.tensor_info = []  # (name, dims in GGUF order, type id, offset)
-      for _ in range(n_tensors):
+      for i in range(n_tensors):
+        self._what = f"the entry of tensor {i + 1} of {n_tensors} in the tensor table"
         name = self._string()
+        self._what = f"the tensor table entry of {name!r} ({i + 1} of {n_tensors})"
         dims = [self._scalar(10) for _ in range(self._scalar(4))]
         self.tensor_info.append((name, dims, self._scalar(4), self._scalar(10)))
       align = int(self.fields.get("general.alignment", 32))
@@ -116,10 +138,14 @@ class _Header:
 
   def _ensure(self, n: int) -> None:
     if self._pos + n > len(self._buf):
+      if self._pos + n > self.file_size:  # checked before reading: a damaged length field can be huge
+        raise ValueError(f"truncated or damaged header: {self._what} needs bytes up to {self._pos + n:,}, but the "
+                         f"file has {self.file_size:,} bytes; {_FIX}")
       self._f.seek(len(self._buf))
       more = self._f.read(max(n, 1 << 22))
       if self._pos + n > len(self._buf) + len(more):
-        raise ValueError("truncated GGUF header")
+        raise ValueError(f"truncated header: {self._what} needs bytes up to {self._pos + n:,}, but only "
+                         f"{len(self._buf) + len(more):,} could be read; {_FIX}")
       self._buf += more
 
   def _raw(self, n: int) -> bytes:
@@ -129,6 +155,8 @@ class _Header:
     return out
 
   def _scalar(self, t: int):
+    if t not in _SCALARS:
+      raise ValueError(f"damaged header: {self._what} has unknown value type {t}; {_FIX}")
     fmt = _SCALARS[t]
     n = 1 if t in (0, 1, 7) else (2 if t in (2, 3) else (4 if t in (4, 5, 6) else 8))
     self._ensure(n)
@@ -151,7 +179,7 @@ class _Header:
         return np.frombuffer(self._raw(count * dt.itemsize), dt).tolist()
       return [self._value(et) for _ in range(count)]
     if t not in _SCALARS:
-      raise ValueError(f"unknown GGUF metadata value type {t}")
+      raise ValueError(f"damaged header: {self._what} has unknown value type {t}; {_FIX}")
     return self._scalar(t)
 
 
@@ -176,20 +204,20 @@ class GGUFCheckpoint:
     import gguf
 
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"GGUF: no such file: {path}")
+      raise GGUFMissingError(f"GGUF: no such file: {path}")
     self.path = path
     try:
       header = _Header(path)
     except (ValueError, KeyError, UnicodeDecodeError) as e:
-      raise ValueError(f"GGUF: cannot read {path}: {e}") from e
+      raise GGUFError(f"GGUF file {path}: {e}") from e
     self.fields = header.fields
     self.arch = self.meta("general.architecture")
     if self.arch not in SUPPORTED_ARCHITECTURES:
-      raise ValueError(f"GGUF {path}: unsupported architecture {self.arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
-    mm = np.memmap(path, np.uint8, mode="r")
+      raise GGUFError(f"GGUF {path}: unsupported architecture {self.arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}")
     self.tensors: dict[str, _Tensor] = {}
     bad: dict[str, list[str]] = {}
     ok = _supported_qtypes()
+    extents = []  # (start, end, name, type, shape) in file bytes
     for name, dims, type_id, offset in header.tensor_info:
       try:
         qtype = gguf.GGMLQuantizationType(type_id)
@@ -201,26 +229,48 @@ class GGUFCheckpoint:
         continue
       block, type_size = gguf.GGML_QUANT_SIZES[qtype]
       shape = tuple(int(d) for d in reversed(dims))
-      nbytes = int(np.prod(shape)) // block * type_size
-      raw = mm[header.data_start + offset: header.data_start + offset + nbytes]
+      if not shape or shape[-1] % block:
+        raise GGUFError(f"GGUF file {path}: tensor {name!r} has shape {list(shape)}, whose rows are not whole "
+                        f"{qtype.name} blocks of {block} values (a damaged tensor table?); {_FIX}")
+      nbytes = math.prod(shape) // block * type_size  # Python ints: a damaged table cannot overflow
+      start = header.data_start + int(offset)
+      extents.append((start, start + nbytes, name, qtype, shape))
+    if bad:
+      per_type = "; ".join(f"{t}: tensors {names[:4]}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                           for t, names in sorted(bad.items()))
+      raise GGUFError(f"GGUF {path}: unsupported quantisation type(s) {sorted(bad)} ({per_type}); "
+                      f"supported: {sorted(q.name for q in ok)}")
+    self._check_extents(extents, header.file_size, len(header.tensor_info))
+    mm = np.memmap(path, np.uint8, mode="r") if header.file_size else np.zeros(0, np.uint8)
+    for start, end, name, qtype, shape in extents:
+      raw = mm[start:end]
       if qtype == gguf.GGMLQuantizationType.F32:
         raw = raw.view(np.float32)
       elif qtype == gguf.GGMLQuantizationType.F16:
         raw = raw.view(np.float16)
       else:
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         raw = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
       self.tensors[name] = _Tensor(name, qtype, shape, raw)
-    if bad:
-      examples = [n for names in bad.values() for n in names][:4]
-      raise ValueError(f"GGUF {path}: unsupported quantisation type(s) {sorted(bad)} (e.g. tensors {examples}); "
-                       f"supported: {sorted(q.name for q in ok)}")
     if "rope_freqs.weight" in self.tensors:
-      raise ValueError(f"GGUF {path}: has 'rope_freqs.weight' (scaled RoPE, e.g. Llama 3.1); only plain RoPE is supported")
+      raise GGUFError(f"GGUF {path}: has 'rope_freqs.weight' (scaled RoPE, e.g. Llama 3.1); only plain RoPE is supported")
+
+  def _check_extents(self, extents, file_size: int, num_tensors: int) -> None:
+    """Every tensor's bytes lie inside the file (checked before any is read: a truncated file)."""
+    past = sorted((e for e in extents if e[1] > file_size), key=lambda e: e[0])
+    if not past:
+      return
+    start, end, name, qtype, shape = past[0]
+    need = max(e[1] for e in extents)
+    raise GGUFError(
+        f"GGUF file {self.path} is truncated: tensor {name!r} ({qtype.name} {list(shape)}, {end - start:,} bytes) "
+        f"needs bytes {start:,} to {end:,}, but the file has only {file_size:,} bytes ({len(past)} of {num_tensors} "
+        f"tensors lie past its end; the complete file has at least {need:,} bytes); {_FIX}")
 
   def meta(self, key: str, default: Any = KeyError) -> Any:
     if key not in self.fields:
       if default is KeyError:
-        raise ValueError(f"GGUF {self.path}: missing metadata key {key!r}")
+        raise GGUFError(f"GGUF {self.path}: missing metadata key {key!r}")
       return default
     return self.fields[key]
 
@@ -232,15 +282,15 @@ class GGUFCheckpoint:
     heads = self.arch_meta("attention.head_count")
     kv = self.arch_meta("attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv, list):
-      raise ValueError(f"GGUF {self.path}: per-layer head counts are not supported")
+      raise GGUFError(f"GGUF {self.path}: per-layer head counts are not supported")
     heads, kv = int(heads), int(kv)
     head_dim = int(self.arch_meta("attention.key_length", d // heads))
     rope_dim = int(self.arch_meta("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-      raise ValueError(f"GGUF {self.path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim})")
+      raise GGUFError(f"GGUF {self.path}: partial RoPE (rope.dimension_count={rope_dim} != head_dim={head_dim})")
     scaling = self.arch_meta("rope.scaling.type", "none")
     if scaling not in ("none", None):
-      raise ValueError(f"GGUF {self.path}: rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
+      raise GGUFError(f"GGUF {self.path}: rope.scaling.type={scaling!r} is not supported (plain RoPE only)")
     vocab = self.arch_meta("vocab_size", None)
     if vocab is None:
       vocab = len(self.meta("tokenizer.ggml.tokens"))
@@ -275,7 +325,7 @@ class GGUFCheckpoint:
     try:
       w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
-      raise ValueError(f"GGUF {self.path}: tensor {t.name!r}: unsupported quantisation {t.tensor_type.name}") from e
+      raise GGUFError(f"GGUF {self.path}: tensor {t.name!r}: unsupported quantisation {t.tensor_type.name}") from e
     w = np.asarray(w, np.float32).reshape(t.shape)
     if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
       key = "attention.head_count" if t.name.endswith("attn_q.weight") else "attention.head_count_kv"

@@ -32,8 +32,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from hydrahead_jax.cli import UserError
 from hydrahead_jax.config import HeadLayout, ModelConfig
-from hydrahead_jax.interop.safetensors import SafetensorsCheckpoint, save_safetensors_sharded, to_np_dtype
+from hydrahead_jax.interop.safetensors import (CheckpointError, CheckpointFileMissing, SafetensorsCheckpoint,
+                                               save_safetensors_sharded, to_np_dtype)
 from hydrahead_jax.sharding import concrete_mesh
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
@@ -44,6 +46,10 @@ _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|.*\.rotary_emb\..*)$")
 Getter = Callable[[str], np.ndarray]
 
 
+class ExportError(UserError, ValueError):
+  """A model that the HF format cannot express (LA heads, ``rmsnorm_all`` fusion)."""
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 
@@ -51,9 +57,15 @@ def read_hf_config(path: str) -> dict[str, Any]:
   """The ``config.json`` of a checkpoint directory (or the file itself)."""
   file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"HF checkpoint: no {CONFIG_FILE} at {file}")
-  with open(file) as f:
-    return json.load(f)
+    raise CheckpointFileMissing(f"HF checkpoint: no {CONFIG_FILE} at {file}")
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise CheckpointError(f"HF checkpoint: {file} is not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise CheckpointError(f"HF checkpoint: {file} holds a JSON {type(data).__name__}, not an object")
+  return data
 
 
 def _rope(hf: Mapping[str, Any]) -> float:
@@ -63,10 +75,11 @@ def _rope(hf: Mapping[str, Any]) -> float:
   for where, d in (("rope_parameters", params), ("rope_scaling", scaling)):
     kind = d.get("rope_type", d.get("type", "default"))
     if kind not in ("default", None):
-      raise ValueError(f"config.json: {where}.rope_type={kind!r} is not supported (only plain RoPE, 'default')")
+      raise CheckpointError(f"config.json: {where}.rope_type={kind!r} is not supported (only plain RoPE, "
+                            "'default')")
   theta = params.get("rope_theta", hf.get("rope_theta"))
   if theta is None:
-    raise ValueError("config.json: no RoPE base (neither 'rope_theta' nor 'rope_parameters.rope_theta')")
+    raise CheckpointError("config.json: no RoPE base (neither 'rope_theta' nor 'rope_parameters.rope_theta')")
   return float(theta)
 
 
@@ -79,14 +92,15 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32", compute_dty
   """
   mt = hf.get("model_type")
   if mt not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"config.json: unsupported model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    raise CheckpointError(f"config.json: unsupported model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
-      raise ValueError(f"config.json: {key}=true is not supported (the model has no projection biases)")
+      raise CheckpointError(f"config.json: {key}=true is not supported (the model has no projection biases)")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with 'silu' only)")
+    raise CheckpointError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with 'silu' "
+                          "only)")
   if hf.get("use_sliding_window"):
-    raise ValueError("config.json: use_sliding_window=true is not supported (full causal attention only)")
+    raise CheckpointError("config.json: use_sliding_window=true is not supported (full causal attention only)")
   try:
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     fields = dict(
@@ -99,7 +113,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32", compute_dty
         mlp_dim=int(hf["intermediate_size"]),
     )
   except KeyError as e:
-    raise ValueError(f"config.json: missing field {e.args[0]!r}") from None
+    raise CheckpointError(f"config.json: missing field {e.args[0]!r}") from None
+  except (TypeError, ValueError, ZeroDivisionError) as e:
+    raise CheckpointError(f"config.json: a size field is not a positive integer ({e})") from None
   fields.update(
       rope_theta=_rope(hf),
       rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -206,9 +222,10 @@ def teacher_getter(cfg: ModelConfig, get_hf: Getter, source: str = "checkpoint")
     try:
       arr = get_hf(hf_name)
     except KeyError:
-      raise ValueError(f"{source}: missing tensor {hf_name!r} (expected shape {shape})") from None
+      raise CheckpointError(f"{source}: missing tensor {hf_name!r} (expected shape {shape})") from None
     if tuple(arr.shape) != shape:
-      raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(arr.shape)}, but the config implies {shape}")
+      raise CheckpointError(f"{source}: tensor {hf_name!r} has shape {tuple(arr.shape)}, but the config implies "
+                            f"{shape}")
     return fn(arr)
 
   return get
@@ -222,8 +239,8 @@ def check_extra_tensors(cfg: ModelConfig, names: Iterable[str], source: str) -> 
   extra = sorted(n for n in names if n not in expected and not _IGNORED.match(n))
   if extra:
     more = " ..." if len(extra) > 8 else ""
-    raise ValueError(f"{source}: tensors the config does not explain: {extra[:8]}{more} "
-                     f"(model_type {'qwen3' if cfg.qk_norm else 'llama'}, {cfg.num_layers} layers)")
+    raise CheckpointError(f"{source}: tensors the config does not explain: {extra[:8]}{more} "
+                          f"(model_type {'qwen3' if cfg.qk_norm else 'llama'}, {cfg.num_layers} layers)")
 
 
 class _LayerConverter:
@@ -285,7 +302,7 @@ def load_pretrained_hf(path: str, *, dtype: str = "float32", compute_dtype: str 
     config_overrides: other ``ModelConfig`` fields (``scan_layers``, ``remat``, ``fusion``, ...).
   """
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"HF checkpoint: no such directory: {path}")
+    raise CheckpointFileMissing(f"HF checkpoint: no such directory: {path}")
   hf = read_hf_config(path)
   cfg = config_from_hf(hf, dtype=dtype, compute_dtype=compute_dtype)
   ckpt = SafetensorsCheckpoint(path)
@@ -299,7 +316,8 @@ def _load_typed(model_type: str):
            layout: HeadLayout | None = None, mesh=None, **config_overrides):
     mt = read_hf_config(path).get("model_type")
     if mt != model_type:
-      raise ValueError(f"{path}: config.json has model_type {mt!r}, not {model_type!r} (use load_pretrained_hf)")
+      raise CheckpointError(f"{path}: config.json has model_type {mt!r}, not {model_type!r} "
+                            "(use load_pretrained_hf)")
     return load_pretrained_hf(path, dtype=dtype, compute_dtype=compute_dtype, layout=layout, mesh=mesh,
                               **config_overrides)
 
@@ -319,11 +337,11 @@ def flat_to_hf(flat: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
   """Canonical tensors of an all-FA model -> HF names and layouts (FA fusion scales folded into o_proj)."""
   for i in range(cfg.num_layers):
     if cfg.layout.fa_groups[i] != tuple(range(cfg.num_kv_heads)):
-      raise ValueError(f"HF export: layer {i} has LA heads (layout {cfg.layout.describe(cfg.num_kv_heads)}); "
-                       "only all-FA models export to HF. Export hybrids with interop.safetensors.save_hybrid_safetensors "
-                       "(CLI: --to safetensors)")
+      raise ExportError(f"HF export: layer {i} has LA heads (layout {cfg.layout.describe(cfg.num_kv_heads)}); "
+                        "only all-FA models export to HF. Export hybrids with interop.safetensors.save_hybrid_safetensors "
+                        "(CLI: --to safetensors)")
   if cfg.fusion == "rmsnorm_all":
-    raise ValueError("HF export: fusion='rmsnorm_all' normalises FA heads, which HF Qwen3/Llama cannot express")
+    raise ExportError("HF export: fusion='rmsnorm_all' normalises FA heads, which HF Qwen3/Llama cannot express")
   D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
   out = {}
   for name, (hf_name, shape, _) in hf_name_map(cfg).items():

@@ -65,6 +65,9 @@ class TrainConfig:
   steps: int = 1000  # optimizer steps
   grad_accum: int = 1  # microbatches per step (data.batch_size is the global batch per step)
   answer_loss_weight: float = 1.0  # answer tokens (retrieval targets) count this many times in the loss
+  # CE over chunks of this many positions with the vocabulary projection inside (hydrahead_jax.losses: exact
+  # gradients, logits [B, loss_chunk, V] at a time instead of [B, T, V]); 0 = full logits
+  loss_chunk: int = 2048
   seed: int = 0  # parameter init
   log_every: int = 10
   eval_every: int = 0  # 0: evaluate only at the end
@@ -89,6 +92,8 @@ class TrainConfig:
       raise ValueError(f"train.answer_loss_weight: must be >= 0, got {self.answer_loss_weight}")
     if self.eval_every < 0:
       raise ValueError(f"train.eval_every: must be >= 0, got {self.eval_every}")
+    if self.loss_chunk < 0:
+      raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {self.loss_chunk}")
     if self.data_parallel == 0 or self.data_parallel < -1:
       raise ValueError(f"train.data_parallel: must be >= 1 or -1 (all devices), got {self.data_parallel}")
 
@@ -503,6 +508,7 @@ RESUME_SAFE = (
     "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.eval_tasks",
     "train.eval_examples", "train.eval_len", "train.eval_seed", "train.eval_batch_size",
     "train.progress", "train.distributed", "train.xla_flags", "train.answer_loss_weight", "train.seed",
+    "train.loss_chunk",
     "train.data_parallel", "train.fsdp", "train.context_parallel",
     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "checkpoint.resume",
     "checkpoint.fallback", "checkpoint.on_save_error",

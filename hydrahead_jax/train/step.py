@@ -4,6 +4,10 @@ Loss: next-token cross entropy (float32 logits) summed over ``loss_mask`` and di
 number of masked tokens of the whole step, so ``grad_accum`` microbatches give the same gradient
 as one big batch. A step whose loss, gradient norm or new parameters are not finite returns the
 previous state unchanged with ``ok = 0``; the loop stops on it, so the last checkpoint stays good.
+
+With ``loss_chunk`` > 0 (default ``losses.DEFAULT_CHUNK``) the model returns its final hidden states and
+``hydrahead_jax.losses.chunked_cross_entropy`` computes CE and argmax hits ``loss_chunk`` positions at a
+time (exact gradients, no [B, T, V] logits); 0 = the plain full-logits path.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hydrahead_jax.losses import DEFAULT_CHUNK, chunked_cross_entropy
 from hydrahead_jax.train.state import merge
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
@@ -34,9 +39,18 @@ def loss_weights(batch, answer_weight: float) -> jax.Array:
 def token_stats(logits_BxTxV, batch, answer_weight: float = 1.0) -> dict[str, jax.Array]:
   """Sums over a batch: masked CE (plain and answer-weighted), masked tokens, answer tokens and
   correct answer tokens."""
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  return stats_from_tokens(*_logit_outputs(logits_BxTxV, batch["targets"]), batch, answer_weight)
+
+
+def _logit_outputs(logits_BxTxV, targets_BxT) -> tuple[jax.Array, jax.Array]:
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  return ce_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+
+def stats_from_tokens(ce_BxT, hit_BxT, batch, answer_weight: float = 1.0) -> dict[str, jax.Array]:
+  """``token_stats`` from per-token CE [B, T] and argmax hits [B, T] (e.g. of ``chunked_cross_entropy``)."""
   mask, answer = batch["loss_mask"], batch["answer_mask"]
-  hit_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+  hit_BxT = hit_BxT.astype(jnp.float32)
   return {
       "weighted_ce_sum": jnp.sum(ce_BxT * loss_weights(batch, answer_weight)),
       "ce_sum": jnp.sum(ce_BxT * mask),
@@ -56,20 +70,31 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array
   return out
 
 
+def token_outputs(model, batch, loss_chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """Per-token next-token CE [B, T] float32 and argmax hits [B, T] of ``model`` on a batch.
+
+  ``loss_chunk`` > 0: from the final hidden states, ``loss_chunk`` positions at a time (no [B, T, V]
+  logits); 0: through the full float32 logits (optax CE, as ``token_stats``).
+  """
+  args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+  if loss_chunk > 0:
+    w, layout = model.output_projection()
+    return chunked_cross_entropy(model.hidden(*args), w, batch["targets"], w_layout=layout, chunk=loss_chunk)
+  return _logit_outputs(model(*args), batch["targets"])
+
+
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum: int, answer_weight: float = 1.0) -> Callable:
+                    grad_accum: int, answer_weight: float = 1.0, loss_chunk: int = DEFAULT_CHUNK) -> Callable:
   """``step(state, batch) -> (state, metrics)``; state = {params, opt_state, step} (flat params).
 
   The gradient is that of the answer-weighted mean CE (``answer_weight`` > 1 stresses retrieval
-  targets); the reported ``loss`` is always the plain mean CE over ``loss_mask``.
+  targets); the reported ``loss`` is always the plain mean CE over ``loss_mask``. ``loss_chunk``:
+  positions per chunk of the chunked CE (``token_outputs``); 0 = full logits.
   """
 
-  def forward(params, mb):
-    model = merge(graphdef, params, rest)
-    return model(mb["inputs"], mb["segment_ids"], mb["positions"])
-
   def micro_loss(params, mb, denom):
-    stats = token_stats(forward(params, mb), mb, answer_weight)
+    ce_BxT, hit_BxT = token_outputs(merge(graphdef, params, rest), mb, loss_chunk)
+    stats = stats_from_tokens(ce_BxT, hit_BxT, mb, answer_weight)
     return stats["weighted_ce_sum"] / denom, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -115,13 +140,13 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
   return step
 
 
-def make_eval_step(graphdef, rest) -> Callable:
+def make_eval_step(graphdef, rest, loss_chunk: int = DEFAULT_CHUNK) -> Callable:
   """``eval(params, batch) -> sums`` (ce_sum, tokens, answers, answer_hits, rows_all_correct)."""
 
   def evaluate(params, batch):
-    logits = merge(graphdef, params, rest)(batch["inputs"], batch["segment_ids"], batch["positions"])
-    stats = token_stats(logits, batch)
-    wrong = (jnp.argmax(logits, -1) != batch["targets"]) & (batch["answer_mask"] > 0)
+    ce_BxT, hit_BxT = token_outputs(merge(graphdef, params, rest), batch, loss_chunk)
+    stats = stats_from_tokens(ce_BxT, hit_BxT, batch)
+    wrong = (~hit_BxT) & (batch["answer_mask"] > 0)
     has_answer = jnp.any(batch["answer_mask"] > 0, axis=1)
     stats["rows_correct"] = jnp.sum((~jnp.any(wrong, axis=1)) & has_answer).astype(jnp.float32)
     stats["rows"] = jnp.sum(has_answer).astype(jnp.float32)

@@ -9,17 +9,24 @@ Other subcommands: ``layout`` (re-run a policy on a saved head_scores.json), ``p
 .npz, e.g. to score on a machine without the data stack: ``analyze --probes a.npz b.npz``).
 ``--teacher``: anything ``hydrahead_jax.interop.load`` reads: ``smollm2``, a ``.gguf`` file, a HF directory
 (config.json + safetensors) or a HydraHead model directory.
+
+User errors (a missing or damaged teacher, bad layout / scores / probe files, unknown policies or methods, an --out
+that cannot be used, bad arguments) end with one line ``error: ...`` on stderr and exit code 2, checked before the
+long steps where possible; ``--debug`` shows the traceback (``hydrahead_jax.cli``, docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
+from hydrahead_jax.cli import UserError, cli_main
 from hydrahead_jax.selection import policies
 from hydrahead_jax.selection.probes import DEFAULT_TASKS, ProbeSet
 
@@ -33,6 +40,84 @@ def _ints(s: str) -> list[int]:
 
 def _names(s: str) -> list[str]:
   return [x.strip() for x in s.split(",") if x.strip()]
+
+
+class _Parser(argparse.ArgumentParser):
+  """Argument errors as one-line ``UserError``s (exit 2), like the CLI's other user errors."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+@contextlib.contextmanager
+def _user_input(what: str | None, errors: tuple[type[BaseException], ...] = ()):
+  """Errors while reading or checking a user-given file or value -> one-line ``UserError``: ``what: <error>``
+  (``what=None``: the error's message already names the file)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except (OSError, ValueError, KeyError, TypeError, *errors) as e:
+    msg = str(e) if not isinstance(e, KeyError) else f"missing {e}"
+    raise UserError(msg if what is None or msg.startswith(what) else f"{what}: {msg}") from e
+
+
+def _check_out_dir(path: str, empty: bool = False) -> None:
+  """--out names a directory to write into (``empty``: one that does not exist yet or is empty)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--out {path}: exists and is not a directory; choose another path")
+  if empty and os.path.isdir(path) and os.listdir(path):
+    raise UserError(f"--out {path}: exists and is not empty; choose a new directory (or remove this one)")
+
+
+def _check_budget(budget: str) -> None:
+  if not re.fullmatch(r"\s*\d+\s*", budget):
+    from hydrahead_jax.config import parse_ratio
+
+    with _user_input("--budget"):
+      parse_ratio(budget)
+
+
+def _check_fits(budget: str, cfg, teacher: str) -> None:
+  """The budget fits the teacher's layers x groups (checked before the analysis / conversion)."""
+  with _user_input(f"--budget {budget} for {teacher}"):
+    policies.parse_budget(budget, cfg.num_layers, cfg.num_kv_heads)
+
+
+def _check_common(args) -> None:
+  """Arguments every subcommand shares, checked before anything is loaded."""
+  from hydrahead_jax.interop.safetensors import to_np_dtype
+
+  for flag in ("dtype", "compute_dtype"):
+    if getattr(args, flag, None) is not None:
+      try:
+        to_np_dtype(getattr(args, flag))
+      except ValueError:
+        raise UserError(f"--{flag.replace('_', '-')}: not a dtype: {getattr(args, flag)!r}") from None
+  for name in ("batch_size", "chunk", "per_task"):
+    if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+      raise UserError(f"--{name.replace('_', '-')}: must be >= 1")
+  if getattr(args, "lengths", None) is not None and (not args.lengths or min(args.lengths) < 1):
+    raise UserError(f"--lengths: give positive prompt lengths, got {args.lengths}")
+  if getattr(args, "tasks", None) is not None and not getattr(args, "probes", None):  # --probes: tasks unused
+    from hydrahead_jax.data.synthetic import PROBE_TASKS
+
+    bad = [t for t in args.tasks if t not in PROBE_TASKS]
+    if bad or not args.tasks:
+      raise UserError(f"--tasks: unknown probe tasks {bad}; choose from {list(PROBE_TASKS)}")
+  if getattr(args, "budget", None) is not None:
+    _check_budget(args.budget)
+  for flag in ("probes", "heldout_probes"):
+    for path in getattr(args, flag, None) or []:
+      if not os.path.isfile(path):
+        raise UserError(f"--{flag.replace('_', '-')} {path}: no such file")
+
+
+def _probe_file(path: str) -> ProbeSet:
+  import zipfile
+
+  with _user_input(f"probe file {path}", (zipfile.BadZipFile, EOFError)):
+    return ProbeSet.load(path)
 
 
 def _add_teacher(p: argparse.ArgumentParser) -> None:
@@ -73,11 +158,10 @@ def _layouts(scores, cfg, budget: str, names, seed: int, out_dir: str) -> dict:
 
 # -- subcommands -------------------------------------------------------------------------------------
 def cmd_probes(args) -> None:
-  from hydrahead_jax.data.tokenizer import load_tokenizer
+  from hydrahead_jax.interop.load import read_tokenizer, tokenizer_for
 
-  from hydrahead_jax.interop.load import tokenizer_for
-
-  tok = tokenizer_for(args.teacher, args.tokenizer) if args.teacher else load_tokenizer(args.tokenizer)
+  _check_out_dir(args.out)
+  tok = tokenizer_for(args.teacher, args.tokenizer) if args.teacher else read_tokenizer(args.tokenizer)
   os.makedirs(args.out, exist_ok=True)
   for ps in _probe_sets(args, tok, args.seed, args.per_task):
     path = os.path.join(args.out, f"probes_{ps.prompt_len}_seed{args.seed}.npz")
@@ -89,19 +173,25 @@ def cmd_analyze(args) -> None:
   from hydrahead_jax.selection import report
   from hydrahead_jax.selection.analysis import AnalysisConfig, analyze, causal_test
 
-  cfg, model, tok = _load(args)
-  os.makedirs(args.out, exist_ok=True)
+  _check_out_dir(args.out)
+  bad = [p for p in args.policies if p not in policies.POLICIES]
+  if bad or not args.policies:
+    raise UserError(f"--policies: unknown {bad}; choose from {list(policies.POLICIES)}")
+  with _user_input("--methods / --screen-top"):
+    acfg = AnalysisConfig(min_delta=args.min_delta, batch_size=args.batch_size, chunk=args.chunk,
+                          grad_batch=args.grad_batch, tokens_per_forward=args.tokens_per_forward,
+                          exact_only_above=args.exact_only_above,
+                          methods=tuple(args.methods), screen_top=args.screen_top, cka_tokens=args.cka_tokens,
+                          seed=args.seed, progress=not args.quiet)
   if args.probes:
-    sets = [ProbeSet.load(p) for p in args.probes]
-    held = [ProbeSet.load(p) for p in args.heldout_probes] if args.heldout_probes else None
-  else:
+    sets = [_probe_file(p) for p in args.probes]
+    held = [_probe_file(p) for p in args.heldout_probes] if args.heldout_probes else None
+  cfg, model, tok = _load(args)
+  _check_fits(args.budget, cfg, args.teacher)
+  os.makedirs(args.out, exist_ok=True)
+  if not args.probes:
     sets = _probe_sets(args, tok, args.seed, args.per_task)
     held = _probe_sets(args, tok, args.seed + 1, args.causal_per_task) if args.causal_test else None
-  acfg = AnalysisConfig(min_delta=args.min_delta, batch_size=args.batch_size, chunk=args.chunk,
-                        grad_batch=args.grad_batch, tokens_per_forward=args.tokens_per_forward,
-                        exact_only_above=args.exact_only_above,
-                        methods=tuple(args.methods), screen_top=args.screen_top, cka_tokens=args.cka_tokens,
-                        seed=args.seed, progress=not args.quiet)
   data = analyze(model, sets, acfg, name=args.teacher)
   if held:
     data["causal_test"] = [causal_test(model, ps, data["selection_score"], batch_size=args.batch_size,
@@ -128,12 +218,18 @@ def cmd_analyze(args) -> None:
 def cmd_layout(args) -> None:
   from hydrahead_jax.selection import report
 
-  data = report.read_scores(args.scores)
-  scores = report.grid(data, args.score) if args.score else np.asarray(
-      [[np.nan if v is None else v for v in row] for row in data["selection_score"]])
-  m = data["model"]
-  layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=m["num_kv_heads"],
-                                      heads_per_group=m["num_heads"] // m["num_kv_heads"], seed=args.seed)
+  if os.path.isdir(args.out):
+    raise UserError(f"--out {args.out}: is a directory; give the layout file to write (e.g. layout.json)")
+  with _user_input(None):
+    data = report.read_scores(args.scores)  # its errors name the file
+  with _user_input(f"scores file {args.scores}"):
+    if args.score and args.score not in data["scores"]:
+      raise UserError(f"--score {args.score!r}: not in {args.scores}; it has {sorted(data['scores'])}")
+    scores = report.grid(data, args.score) if args.score else np.asarray(
+        [[np.nan if v is None else v for v in row] for row in data["selection_score"]], np.float64)
+    m = data["model"]
+    layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=m["num_kv_heads"],
+                                        heads_per_group=m["num_heads"] // m["num_kv_heads"], seed=args.seed)
   policies.write_layout(args.out, layout, info)
   print(f"{args.out}: {info['describe']}\n  {info['rounding']}\n  {info['selection']}")
 
@@ -142,19 +238,31 @@ def cmd_convert(args) -> None:
   from hydrahead_jax.interop.orbax import save_pretrained
   from hydrahead_jax.transfer.convert import calibration_batches, convert_teacher
 
-  cfg, model, tok = _load(args)
+  _check_out_dir(args.out, empty=True)
   if args.layout:
-    layout = policies.read_layout(args.layout)
+    with _user_input(f"layout file {args.layout}"):
+      if not os.path.isfile(args.layout):
+        raise UserError(f"--layout {args.layout}: no such file")
+      layout = policies.read_layout(args.layout)
   elif args.scores:
     from hydrahead_jax.selection import report
 
-    data = report.read_scores(args.scores)
-    scores = np.asarray([[np.nan if v is None else v for v in row] for row in data["selection_score"]])
-    layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=cfg.num_kv_heads,
-                                        heads_per_group=cfg.heads_per_group, seed=args.seed)
-    print(f"layout: {info['describe']}; {info['rounding']}")
+    with _user_input(None):
+      data = report.read_scores(args.scores)  # its errors name the file
+    with _user_input(f"scores file {args.scores}"):
+      scores = np.asarray([[np.nan if v is None else v for v in row] for row in data["selection_score"]], np.float64)
   else:
-    raise SystemExit("convert: give --layout FILE or --scores head_scores.json (with --policy/--budget)")
+    raise UserError("select convert: give --layout FILE or --scores head_scores.json (with --policy/--budget)")
+  cfg, model, tok = _load(args)
+  if args.layout:
+    with _user_input(f"layout file {args.layout} does not fit {args.teacher}"):
+      layout.validate(cfg.num_layers, cfg.num_kv_heads)
+  else:
+    what = f"scores file {args.scores} with --policy {args.policy} --budget {args.budget} for {args.teacher}"
+    with _user_input(what):
+      layout, info = policies.make_layout(args.policy, scores, args.budget, num_groups=cfg.num_kv_heads,
+                                          heads_per_group=cfg.heads_per_group, seed=args.seed)
+    print(f"layout: {info['describe']}; {info['rounding']}")
   kw = {"fusion": args.fusion} if args.fusion else {}
   calib = held = None
   if args.calib_num > 0:
@@ -191,8 +299,8 @@ def _plain(x):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m hydrahead_jax.select", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = _Parser(prog="python -m hydrahead_jax.select", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True)
 
   def probe_args(p):
@@ -265,13 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
-def main(argv=None) -> None:
+@cli_main
+def main(argv=None) -> int:
+  """Runs a subcommand; user errors are one line on stderr and exit code 2 (``hydrahead_jax.cli``)."""
   args = build_parser().parse_args(argv)
-  for name in ("batch_size", "chunk", "per_task"):
-    if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-      raise SystemExit(f"--{name.replace('_', '-')}: must be >= 1")
+  _check_common(args)
   args.fn(args)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -333,5 +333,6 @@ def test_prepare_bad_inputs(tmp_path, capsys):
   prep.prepare(good, out)
   with pytest.raises(prep.PrepareError, match="already exists"):
     prep.prepare(good, out)
-  assert prep.main(["--inputs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o2")]) == 1
-  assert "bad.jsonl:2" in capsys.readouterr().err
+  assert prep.main(["--inputs", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o2")]) == 2
+  err = capsys.readouterr().err
+  assert "bad.jsonl:2" in err and err.startswith("error: ") and err.count("\n") == 1, err

@@ -9,6 +9,8 @@ lines and empty texts are skipped). Each record is one document's token ids as l
 bytes, without bos/eos (the pipeline adds them). The tokenizer file is copied into DIR, so the
 output is self-contained. Everything is written to a temporary sibling directory that is renamed to
 DIR at the end; on any error it is removed and a ``PrepareError`` names the file (and line).
+The CLI prints a user error (``PrepareError``, a bad argument or tokenizer) as one line ``error: ...`` on stderr and
+exits with code 2; ``--debug`` shows the traceback (``hydrahead_jax.cli``, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from hydrahead_jax.cli import UserError, cli_main
 from hydrahead_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 FORMAT = "hydrahead-tokens-v1"
@@ -183,9 +186,33 @@ def _replace(tmp: str, out: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+class _Parser(argparse.ArgumentParser):
+  """Argument errors as one-line ``UserError``s (exit 2), like the CLI's other user errors."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _check_tokenizer(path: str) -> None:
+  """--tokenizer names a tokenizer that loads (checked before any output is written)."""
+  if not os.path.exists(path):
+    raise PrepareError(f"--tokenizer {path}: no such file or directory")
+  try:
+    load_tokenizer(path)
+  except UserError:
+    raise
+  except (OSError, ValueError, KeyError) as e:
+    raise PrepareError(f"--tokenizer {path}: cannot be read ({e})") from e
+  except Exception as e:  # the tokenizers library raises plain Exceptions for files it cannot parse
+    if type(e) is not Exception:
+      raise
+    raise PrepareError(f"--tokenizer {path}: cannot be read ({e})") from e
+
+
+@cli_main(user_errors=(PrepareError,))
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m hydrahead_jax.data.prepare", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = _Parser(prog="python -m hydrahead_jax.data.prepare", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--inputs", nargs="+", required=True, help=".txt (one document each) / .jsonl files")
   ap.add_argument("--out", required=True, help="output directory (created atomically)")
   ap.add_argument("--tokenizer", default=None, help="tokenizer.json; default: byte-level")
@@ -193,12 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--docs-per-shard", type=int, default=10_000)
   ap.add_argument("--overwrite", action="store_true")
   args = ap.parse_args(argv)
-  try:
-    m = prepare(args.inputs, args.out, args.tokenizer, args.text_key, args.docs_per_shard,
-                args.overwrite)
-  except (PrepareError, FileNotFoundError, ValueError) as e:
-    print(f"prepare: error: {e}", file=sys.stderr)
-    return 1
+  if args.tokenizer is not None:
+    _check_tokenizer(args.tokenizer)
+  m = prepare(args.inputs, args.out, args.tokenizer, args.text_key, args.docs_per_shard, args.overwrite)
   print(f"prepare: {m['num_docs']} documents, {m['num_tokens']} tokens, {len(m['shards'])} shards "
         f"-> {os.path.abspath(args.out)}")
   return 0

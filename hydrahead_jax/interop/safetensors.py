@@ -134,7 +134,7 @@ class SafetensorsCheckpoint:
         more = f" (and {len(missing) - 1} more: {missing[1:4]})" if len(missing) > 1 else ""
         raise CheckpointFileMissing(
             f"safetensors checkpoint {path}: shard {missing[0]!r}{more} is missing; {INDEX_FILE} puts {len(held)} "
-            f"tensors there (e.g. {held[0]!r}); copy or download the missing shard(s)")
+            f"tensor{'s' if len(held) != 1 else ''} there (e.g. {held[0]!r}); copy or download the missing shard(s)")
     else:
       files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
       if not files:

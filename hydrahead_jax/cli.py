@@ -19,6 +19,8 @@ Apply it to a CLI's ``main(argv=None) -> int``::
 
 from __future__ import annotations
 
+import argparse
+
 import functools
 import os
 import sys
@@ -33,6 +35,13 @@ class UserError(Exception):
   """An error the user can fix; the message is one self-contained line (what, where, what to do)."""
 
   exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """Argument errors as one-line ``UserError``s (exit 2), like the CLIs' other user errors."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def debug_enabled() -> bool:

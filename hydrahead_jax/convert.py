@@ -22,14 +22,7 @@ import time
 
 from tqdm import tqdm
 
-from hydrahead_jax.cli import UserError, cli_main
-
-
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one-line ``UserError``s (exit 2), like the CLI's other user errors."""
-
-  def error(self, message):
-    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+from hydrahead_jax.cli import ArgumentParser, UserError, cli_main
 
 
 def _check_args(args) -> None:
@@ -71,7 +64,7 @@ def _save(model, dst: str, args) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-  p = _Parser(prog="python -m hydrahead_jax.convert", description=__doc__.split("\n\n")[0],
+  p = ArgumentParser(prog="python -m hydrahead_jax.convert", description=__doc__.split("\n\n")[0],
               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("src")
   p.add_argument("dst")

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from hydrahead_jax.cli import UserError, cli_main
+from hydrahead_jax.cli import ArgumentParser, UserError, cli_main
 from hydrahead_jax.selection import policies
 from hydrahead_jax.selection.probes import DEFAULT_TASKS, ProbeSet
 
@@ -40,13 +40,6 @@ def _ints(s: str) -> list[int]:
 
 def _names(s: str) -> list[str]:
   return [x.strip() for x in s.split(",") if x.strip()]
-
-
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one-line ``UserError``s (exit 2), like the CLI's other user errors."""
-
-  def error(self, message):
-    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 @contextlib.contextmanager
@@ -299,7 +292,7 @@ def _plain(x):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = _Parser(prog="python -m hydrahead_jax.select", description=__doc__,
+  ap = ArgumentParser(prog="python -m hydrahead_jax.select", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="cmd", required=True)
 

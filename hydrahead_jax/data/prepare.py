@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from hydrahead_jax.cli import UserError, cli_main
+from hydrahead_jax.cli import ArgumentParser, UserError, cli_main
 from hydrahead_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 FORMAT = "hydrahead-tokens-v1"
@@ -186,13 +186,6 @@ def _replace(tmp: str, out: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one-line ``UserError``s (exit 2), like the CLI's other user errors."""
-
-  def error(self, message):
-    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 def _check_tokenizer(path: str) -> None:
   """--tokenizer names a tokenizer that loads (checked before any output is written)."""
   if not os.path.exists(path):
@@ -211,7 +204,7 @@ def _check_tokenizer(path: str) -> None:
 
 @cli_main(user_errors=(PrepareError,))
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = _Parser(prog="python -m hydrahead_jax.data.prepare", description=__doc__,
+  ap = ArgumentParser(prog="python -m hydrahead_jax.data.prepare", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--inputs", nargs="+", required=True, help=".txt (one document each) / .jsonl files")
   ap.add_argument("--out", required=True, help="output directory (created atomically)")

@@ -310,9 +310,9 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
     trainer.state, trainer.data_iter, trainer.step = state, data_iter, start
 
     step_fn = jax.jit(make_train_step(graphdef, rest, tx, sched, cfg.train.grad_accum,
-                                      cfg.train.answer_loss_weight),
+                                      cfg.train.answer_loss_weight, loss_chunk=cfg.train.loss_chunk),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(graphdef, rest), out_shardings=replicated)
+    eval_fn = jax.jit(make_eval_step(graphdef, rest, loss_chunk=cfg.train.loss_chunk), out_shardings=replicated)
     eval_sets = build_eval_sets(cfg, n_dev) if cfg.train.eval_tasks else {}
 
     def run_eval(step: int) -> dict[str, float]:

@@ -2,6 +2,8 @@
 'context' mesh axis gives the single-device forward and gradients, for the FA path, the GDN path and the short conv
 alone and for whole models of every layout, with packed segments that cross (and start at) shard boundaries."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from hydrahead_jax.nn.model import create_model
 from hydrahead_jax.ops import gated_delta_rule
 from hydrahead_jax.sharding import param_shardings
 from hydrahead_jax.parallel.context import (context_attention, context_conv, context_gated_delta_rule, context_size,
-                                            incoming_states, shard_summary)
+                                            incoming_states, per_token_shards, shard_summary)
 
 B, T = 2, 32
 # Segment starts: row 0 at 8 and 16 (shard boundaries for CP 2/4/8), 13 and 27 inside shards; row 1 at 3, 17, 20
@@ -153,6 +155,38 @@ def test_conv_halo_matches_unsharded(rng):
   for name in ("cp8", "dp2_cp2_tp2"):
     with jax.set_mesh(mesh(name)):
       close(fn(x, w, SEG), ref)
+
+
+def test_per_token_loss_on_local_tokens(rng):
+  """A per-token loss of hidden states and a replicated weight: each device computes its own tokens (no all-gather
+  of the hidden states), loss and the weight's gradient (summed over shards) equal the single-device ones."""
+  h = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 16, (B, T)), jnp.int32)
+
+  def ce(h, w, t, *, scale):
+    logp = jax.nn.log_softmax(scale * h @ w.T)
+    return -jnp.take_along_axis(logp, t[..., None], -1)[..., 0], jnp.argmax(logp, -1) == t
+
+  fn = lambda f: jax.jit(jax.value_and_grad(lambda h, w: f(h, w, t, scale=0.5)[0].sum(), argnums=(0, 1)))  # noqa
+  ref = fn(ce)(h, w)
+  with jax.set_mesh(mesh("dp2_cp2_tp2")):
+    close(fn(per_token_shards(ce))(h, w), ref, 1e-5)
+    hlo = jax.jit(lambda h: per_token_shards(ce)(h, w, t, scale=0.5)[0]).lower(h).compile().as_text()
+  assert "all-gather" not in hlo
+
+
+def test_make_mesh_context_axis():
+  """train.context_parallel adds the 'context' axis; batch arrays split rows over data and positions over it."""
+  from hydrahead_jax.train import config_lib
+  from hydrahead_jax.train.loop import batch_pspec, make_mesh
+  micro = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "micro.py")
+  cfg = config_lib.load(micro, ["train.context_parallel=4", "train.data_parallel=2"])
+  m = make_mesh(cfg)
+  assert dict(zip(m.axis_names, m.axis_sizes)) == {"data": 2, "context": 4}
+  assert batch_pspec(m) == P(("data",), "context")
+  with pytest.raises(ValueError, match="not divisible by train.context_parallel=3"):
+    make_mesh(config_lib.load(micro, ["train.context_parallel=3", "train.data_parallel=1"]))
 
 
 def test_length_must_divide():

@@ -18,6 +18,9 @@ here inside one ``jax.shard_map`` over batch rows x length x heads:
   are o0 + oA S_in. Exact, differentiable end to end (the op's custom VJPs, all_gather's transpose).
 * ``context_conv`` (LA short convs): each shard prepends the last W-1 pre-conv inputs (and segment ids) of the
   previous shard (``ppermute``; shard 0 gets zeros) and drops the W-1 halo outputs.
+* ``per_token_shards`` (the loss): a per-token loss of the final hidden states (``losses.chunked_cross_entropy``)
+  on each device's own tokens. Its chunk loop slices T dynamically, which XLA cannot partition along 'context': it
+  would all-gather the hidden states and compute the whole sequence's loss on every device.
 
 Shape letters: B batch, T length (global), Tl = T / n local length, H heads, G KV groups, K / V head dims, W conv.
 """
@@ -220,3 +223,22 @@ def _gdn_local(q, k, v, g, beta, seg, *, n: int, chunk_size: int, implementation
   s_in = incoming_states(a_all, b_all, keep)[lax.axis_index(CONTEXT_AXIS)]
   o = o0.astype(f32) + _einsum("bthk,bhkv->bthv", oa.astype(f32), s_in)
   return (o.astype(v.dtype),)
+
+
+# -- per-token losses -------------------------------------------------------------------------------------------------
+def per_token_shards(fn):
+  """``fn(hidden [B, T, D], w, targets [B, T], **kw) -> tuple of [B, T] arrays`` (e.g.
+  ``losses.chunked_cross_entropy``), run on each device's batch rows x tokens when the active mesh has a 'context'
+  axis > 1 (w whole on every device; its gradient summed over the shards by shard_map's transpose); else fn."""
+
+  @functools.wraps(fn)
+  def wrapped(hidden_BxTxD, w, targets_BxT, **kw):
+    n = context_size()
+    if n == 1:
+      return fn(hidden_BxTxD, w, targets_BxT, **kw)
+    _check_length(hidden_BxTxD.shape[1], n, getattr(fn, "__name__", "per_token_shards"))
+    outs = jax.eval_shape(lambda h, w, t: tuple(fn(h, w, t, **kw)), hidden_BxTxD, w, targets_BxT)
+    return _shard_map(lambda h, w, t: tuple(fn(h, w, t, **kw)), (hidden_BxTxD, w, targets_BxT),
+                      (("batch", "length", None), (None,) * w.ndim, BT), tuple((BT, o.shape) for o in outs))
+
+  return wrapped

@@ -229,3 +229,36 @@ def test_model_matches_unsharded(rng):
       put = lambda x: jax.device_put(x, NamedSharding(m, P(rows, "context")))  # noqa: E731
       got = _model_value_and_grads(sharded, put(tok), put(SEG))
     close(got, ref, 5e-4)
+
+
+def test_gpu_kernels_lower_for_cuda(monkeypatch):
+  """The GPU path under CP 2, lowered for CUDA from the CPU (jit(value_and_grad) of a hybrid mixer): every Triton
+  module (GDN at the widened value width V + K, short conv on T/n + W-1 rows; forward and backward) passes the MLIR
+  verifier, and cuDNN attention appears once per switch branch (forward and backward)."""
+  import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+
+  import pallas_kernels.gated_delta_rule.ops as gdn_ops
+  import pallas_kernels.short_conv.ops as conv_ops
+  from hydrahead_jax.nn.layers import rope_angles
+  from hydrahead_jax.nn.mixer import HydraHeadMixer
+  from pallas_kernels.lower_check import lower_for_cuda, verified_triton_modules
+
+  monkeypatch.setattr(gdn_ops, "default_backend", lambda: ("triton", gdn_ops.gpu_triton.Config()))
+  monkeypatch.setattr(conv_ops, "default_config", lambda: conv_ops.gpu_triton.Config())
+  monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)  # no cuDNN on the CPU: trace anyway
+  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=64,
+                    dtype="bfloat16", param_dtype="bfloat16", layout=HeadLayout(((0,),)), la_implementation="pallas",
+                    conv_implementation="pallas", fa_implementation="cudnn")
+  graphdef, params = nnx.split(HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(0)))
+  Tg = 256
+  cos_sin = rope_angles(jnp.arange(Tg, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
+
+  def loss(params, x):
+    return jnp.mean(nnx.merge(graphdef, params)(x, cos_sin, None)[0].astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh("cp2")), verified_triton_modules() as modules:
+    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1)), params,
+                          jax.ShapeDtypeStruct((1, Tg, cfg.d_model), jnp.bfloat16)).as_text()
+  assert {"gdn_state_fwd", "gdn_state_bwd", "short_conv_fwd", "short_conv_bwd_dx"} <= set(modules), modules
+  assert "tensor<1x128x2x64xbf16>" in text  # the GDN's value width V + K = 64 per shard of 128 tokens
+  assert text.count("cudnn$fmha") == 4 and text.count("stablehlo.case") == 2

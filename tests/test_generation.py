@@ -12,6 +12,8 @@ from flax import nnx
 from hydrahead_jax.config import HeadLayout, ModelConfig
 from hydrahead_jax.generation import (cache_bytes, cache_nbytes, decode_step, filter_logits, generate, init_cache,
                                       left_pad, prefill, prompt_bucket)
+from hydrahead_jax.nn.attention import FullAttention
+from hydrahead_jax.nn.layers import apply_rope, rope_angles
 from hydrahead_jax.nn.model import HydraHeadLM
 
 L, G, V = 3, 2, 64
@@ -112,6 +114,7 @@ def test_sampling_seeded_and_stop_tokens():
   assert a != generate(model, prompts, 8, seed=4, **kw)
   assert all(0 <= t < V for row in a for t in row)
   greedy = generate(model, prompts, 8, bucket=8)
+  assert generate(model, prompts, 8, bucket=8, steps_per_call=3) == greedy  # 3 decode steps per jitted call
   assert generate(model, prompts, 8, seed=5, temperature=1.0, top_k=1, bucket=8) == greedy
   stop = greedy[0][2]
   out = generate(model, prompts, 8, stop_tokens=[stop], bucket=8)
@@ -119,6 +122,35 @@ def test_sampling_seeded_and_stop_tokens():
   assert out[0] == greedy[0][:first + 1]
   row1_end = greedy[1].index(stop) + 1 if stop in greedy[1] else 8
   assert out[1] == greedy[1][:row1_end]
+
+
+def test_attend_cached_against_dense_reference(rng):
+  """FA over a cache, block by block (8-slot blocks; the third, [16, 24), clamped to the cache end [15, 23)), with
+  left padding in the cache, equals a dense softmax over [the row's real cache slots, causal new tokens]."""
+  cfg = ModelConfig(**{**BASE, "num_layers": 1, "layout": HeadLayout(((0, 1),))})
+  fa = FullAttention(cfg, 2, rngs=nnx.Rngs(1))
+  B, T, S, length, K = 2, 3, 23, 20, cfg.head_dim
+  start = np.asarray([0, 5])  # row 1: slots 0..4 are padding
+  valid = np.ones((B, T), bool)
+  q, k, v = (rng.normal(size=(B, T, n, K)).astype(np.float32) for n in (4, 2, 2))
+  cache_k, cache_v = (rng.normal(size=(B, S, 2, K)).astype(np.float32) for _ in range(2))
+  pos = length - start[:, None] + np.arange(T)
+  cos_sin = rope_angles(jnp.asarray(pos), K, cfg.rope_theta)
+  o, k_rows, v_rows = fa.attend_cached(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), cos_sin=cos_sin,
+                                       cache_k=jnp.asarray(cache_k), cache_v=jnp.asarray(cache_v),
+                                       length=jnp.int32(length), start_B=jnp.asarray(start, jnp.int32),
+                                       valid_BxT=jnp.asarray(valid))
+  qr = np.asarray(apply_rope(fa.q_norm(jnp.asarray(q)), *cos_sin))
+  for b in range(B):
+    keys = np.concatenate([cache_k[b, start[b]:length], np.asarray(k_rows)[b]])
+    vals = np.concatenate([cache_v[b, start[b]:length], np.asarray(v_rows)[b]])
+    n_old = length - start[b]
+    for t in range(T):
+      for h in range(4):
+        s_ = keys[:n_old + t + 1, h // 2] @ qr[b, t, h] / np.sqrt(K)
+        w = np.exp(s_ - s_.max())
+        np.testing.assert_allclose(np.asarray(o)[b, t, h], (w / w.sum()) @ vals[:n_old + t + 1, h // 2],
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_filter_logits():

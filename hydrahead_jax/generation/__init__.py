@@ -9,10 +9,10 @@ teacher-forced log-probs through the cache. Design notes: docs/evaluation.md.
 
 from hydrahead_jax.generation.cache import HybridCache, LayerCache, cache_bytes, cache_nbytes, init_cache
 from hydrahead_jax.generation.generate import (decode, decode_step, generate, left_pad, prefill, prompt_bucket,
-                                               round_up, score)
+                                               round_up, score, split_model)
 from hydrahead_jax.generation.sampling import filter_logits, sample_logits
 
 __all__ = [
     "HybridCache", "LayerCache", "cache_bytes", "cache_nbytes", "decode", "decode_step", "filter_logits", "generate",
-    "init_cache", "left_pad", "prefill", "prompt_bucket", "round_up", "sample_logits", "score",
+    "init_cache", "left_pad", "prefill", "prompt_bucket", "round_up", "sample_logits", "score", "split_model",
 ]

@@ -42,18 +42,29 @@ def _choose(logits_BxV, key, done_B, stop_S, pad_id, temperature, top_k, top_p, 
   return tok_B, done_B | (tok_B[:, None] == stop_S[None, :]).any(-1)
 
 
-def _first(logits_BxV, key, done_B, stop_S, pad_id, temperature, top_k, top_p, greedy):
+def _first(logits_BxV, key, done_B, stop_S, pad_id, temperature, top_k, top_p, greedy):  # the prefill's token
   return _choose(logits_BxV, key, done_B, stop_S, pad_id, temperature, top_k, top_p, greedy)
 
 
-def _decode(graphdef, state, tok_B, done_B, cache, key, stop_S, pad_id, temperature, top_k, top_p, greedy):
-  logits_Bx1xV, cache = nnx.merge(graphdef, state).extend(tok_B[:, None], cache, None, last_only=True)
-  tok_B, done_B = _choose(logits_Bx1xV[:, 0], key, done_B, stop_S, pad_id, temperature, top_k, top_p, greedy)
-  return tok_B, done_B, cache
+def _decode(graphdef, state, tok_B, done_B, cache, key, t0, stop_S, pad_id, temperature, top_k, top_p, greedy,
+            steps, unroll):
+  """``steps`` decoding steps in one call (a scan): feeds tok_B, samples the next token, ...; step i samples
+  with key fold_in(key, t0 + i). Returns (tokens [B, steps], last token, done, cache)."""
+  def step(carry, i):
+    # The parameters ride in the carry (unchanged): NNX wants the model built at the scan's own trace level.
+    state, tok_B, done_B, cache = carry
+    logits_Bx1xV, cache = nnx.merge(graphdef, state).extend(tok_B[:, None], cache, None, last_only=True,
+                                                             unroll=unroll)
+    tok_B, done_B = _choose(logits_Bx1xV[:, 0], jax.random.fold_in(key, t0 + i), done_B, stop_S, pad_id,
+                            temperature, top_k, top_p, greedy)
+    return (state, tok_B, done_B, cache), tok_B
+
+  (_, tok_B, done_B, cache), toks_SxB = jax.lax.scan(step, (state, tok_B, done_B, cache), jnp.arange(steps))
+  return toks_SxB.T, tok_B, done_B, cache
 
 
-def _decode_logits(graphdef, state, tok_B, cache):
-  logits_Bx1xV, cache = nnx.merge(graphdef, state).extend(tok_B[:, None], cache, None, last_only=True)
+def _decode_logits(graphdef, state, tok_B, cache, unroll):
+  logits_Bx1xV, cache = nnx.merge(graphdef, state).extend(tok_B[:, None], cache, None, last_only=True, unroll=unroll)
   return logits_Bx1xV[:, 0], cache
 
 
@@ -68,6 +79,12 @@ def _jit(fn, static: tuple[int, ...], donate: tuple[int, ...], compiler_options:
     _JITS[key] = jax.jit(fn, static_argnums=static, donate_argnums=donate,
                          compiler_options=dict(opts) if opts else None)
   return _JITS[key]
+
+
+def split_model(model) -> tuple:
+  """(graphdef, state) of a model; every function here also takes this pair in place of the model, which saves
+  the split (a walk over all modules) on each call of a tight loop."""
+  return tuple(model) if isinstance(model, tuple) else nnx.split(model)
 
 
 # -- padding and buckets ---------------------------------------------------------------------------------------
@@ -115,7 +132,7 @@ def prefill(model, tokens_BxT, cache: HybridCache, valid_BxT=None, *, chunk_size
   """Runs ``tokens`` [B, T] into ``cache`` in chunks of ``chunk_size`` (left padding marked False in
   ``valid_BxT``). Returns (logits, cache): the last column's logits [B, V] (every row's last token), or with
   ``all_logits`` [B, T, V]. ``donate``: the input cache's buffers are reused (do not touch it afterwards)."""
-  graphdef, state = nnx.split(model)
+  graphdef, state = split_model(model)
   tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
   B, T = tokens_BxT.shape
   valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else jnp.asarray(valid_BxT, bool)
@@ -135,7 +152,7 @@ def score(model, tokens_BxT, targets_BxT, cache: HybridCache, valid_BxT=None, *,
           ) -> tuple[np.ndarray, np.ndarray, HybridCache]:
   """Teacher-forced scoring through the cache: (log p(targets) [B, T] float32, argmax == target [B, T], cache).
   Only [B, chunk] logits exist at a time, so long documents fit."""
-  graphdef, state = nnx.split(model)
+  graphdef, state = split_model(model)
   tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
   targets_BxT = jnp.asarray(targets_BxT, jnp.int32)
   B, T = tokens_BxT.shape
@@ -150,13 +167,15 @@ def score(model, tokens_BxT, targets_BxT, cache: HybridCache, valid_BxT=None, *,
   return np.concatenate([np.asarray(x) for x in lps], 1), np.concatenate([np.asarray(x) for x in hits], 1), cache
 
 
-def decode_step(model, cache: HybridCache, tokens_B, *, compiler_options: dict | None = None
-                ) -> tuple[jax.Array, HybridCache]:
-  """One decoding step: feeds ``tokens_B`` [B] (one per row) -> (logits [B, V], cache). Donates the cache."""
-  graphdef, state = nnx.split(model)
-  if int(cache.length) >= _slots(cache):
+def decode_step(model, cache: HybridCache, tokens_B, *, check: bool = True, unroll: bool = False,
+                compiler_options: dict | None = None) -> tuple[jax.Array, HybridCache]:
+  """One decoding step: feeds ``tokens_B`` [B] (one per row) -> (logits [B, V], cache). Donates the cache.
+  ``check``: raise when the cache is full (reads its length: a device sync; loops that track it pass False)."""
+  graphdef, state = split_model(model)
+  if check and int(cache.length) >= _slots(cache):
     raise ValueError(f"decode_step: the cache is full ({_slots(cache)} slots)")
-  return _jit(_decode_logits, (0,), (3,), compiler_options)(graphdef, state, jnp.asarray(tokens_B, jnp.int32), cache)
+  return _jit(_decode_logits, (0, 4), (3,), compiler_options)(graphdef, state, jnp.asarray(tokens_B, jnp.int32),
+                                                               cache, unroll)
 
 
 def _slots(cache: HybridCache) -> int:
@@ -169,38 +188,47 @@ def _slots(cache: HybridCache) -> int:
 
 def decode(model, cache: HybridCache, last_logits_BxV, max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0,
-           progress: bool = False, compiler_options: dict | None = None) -> list[list[int]]:
+           steps_per_call: int = 16, unroll: bool = False, progress: bool = False,
+           compiler_options: dict | None = None) -> list[list[int]]:
   """Continues every row from ``last_logits`` (its next-token logits) and the cache after the prompt: up to
-  ``max_new_tokens`` tokens per row, each row ending at (and including) its first stop token."""
+  ``max_new_tokens`` tokens per row, each row ending at (and including) its first stop token.
+
+  Decoding runs ``steps_per_call`` steps per jitted call (a scan: no host round trip per token); stop tokens
+  are checked between calls. The cache needs ``max_new_tokens - 1`` free slots, rounded up to a multiple of
+  ``steps_per_call`` (steps past the budget are computed and dropped; ``generate`` sizes its cache so).
+  ``unroll`` unrolls the layer scan inside a step."""
+  B = int(last_logits_BxV.shape[0])
   if max_new_tokens < 1:
-    return [[] for _ in range(int(cache.pos.shape[0]))]
+    return [[] for _ in range(B)]
   stops = [int(t) for t in dict.fromkeys(stop_tokens)]
   if len(stops) > MAX_STOP:
     raise ValueError(f"generate: at most {MAX_STOP} stop tokens, got {len(stops)}")
-  if int(cache.length) + max_new_tokens - 1 > _slots(cache):
-    raise ValueError(f"generate: {max_new_tokens} new tokens do not fit the cache ({int(cache.length)} of "
-                     f"{_slots(cache)} slots used)")
+  K = max(1, min(int(steps_per_call), max_new_tokens - 1))
+  calls = -(-(max_new_tokens - 1) // K)
+  if int(cache.length) + calls * K > _slots(cache):
+    raise ValueError(f"generate: {max_new_tokens} new tokens ({calls} calls of {K} steps) do not fit the cache "
+                     f"({int(cache.length)} of {_slots(cache)} slots used)")
   greedy = temperature <= 0
   stop_S = jnp.asarray(stops + [-1] * (MAX_STOP - len(stops)), jnp.int32)
-  args = (stop_S, jnp.int32(pad_id), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), greedy)
+  args = (stop_S, jnp.int32(pad_id), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   key = jax.random.key(seed)
-  B = last_logits_BxV.shape[0]
   first = _jit(_first, (8,), (), compiler_options)
-  tok, done = first(last_logits_BxV, jax.random.fold_in(key, 0), jnp.zeros((B,), bool), *args)
-  graphdef, state = nnx.split(model)
-  step = _jit(_decode, (0, 11), (4,), compiler_options)
-  toks = [tok]
-  steps = range(1, max_new_tokens)
+  tok, done = first(last_logits_BxV, jax.random.fold_in(key, 0), jnp.zeros((B,), bool), *args, greedy)
+  graphdef, state = split_model(model)
+  step = _jit(_decode, (0, 12, 13, 14), (4,), compiler_options)
+  toks = [tok[:, None]]
+  calls_it = range(calls)
   if progress:
     from tqdm import tqdm
 
-    steps = tqdm(steps, desc="decode", unit="tok", file=sys.stderr, leave=False)
-  for t in steps:
-    if stops and t % 8 == 0 and bool(done.all()):
+    calls_it = tqdm(calls_it, desc="decode", unit=f"x{K} tok", file=sys.stderr, leave=False)
+  for c in calls_it:
+    if stops and bool(done.all()):
       break
-    tok, done, cache = step(graphdef, state, tok, done, cache, jax.random.fold_in(key, t), *args)
-    toks.append(tok)
-  out = np.stack([np.asarray(t) for t in toks], axis=1)
+    block, tok, done, cache = step(graphdef, state, tok, done, cache, key, jnp.int32(1 + c * K), *args, greedy,
+                                   K, unroll)
+    toks.append(block)
+  out = np.concatenate([np.asarray(t) for t in toks], axis=1)[:, :max_new_tokens]
   rows = []
   for row in out.tolist():
     end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
@@ -216,8 +244,8 @@ def _is_single(prompts) -> bool:
 
 def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, stop_tokens: Sequence[int] = (), seed: int = 0, eos_id: int | None = None,
-             pad_id: int = 0, chunk_size: int = 512, bucket: int = 64, progress: bool = False,
-             compiler_options: dict | None = None):
+             pad_id: int = 0, chunk_size: int = 512, bucket: int = 64, steps_per_call: int = 16,
+             progress: bool = False, compiler_options: dict | None = None):
   """Generates continuations of ``prompts`` with the hybrid cache.
 
   Args:
@@ -230,6 +258,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     seed: sampling seed (same seed, prompts and settings -> same tokens).
     pad_id: id used for padding (never attended; any valid id works).
     chunk_size: prefill chunk length. bucket: the cache's slot count is a multiple of this.
+    steps_per_call: decoding steps per jitted call (stop tokens are checked between calls).
     progress: tqdm bars for prefill chunks and decoding. compiler_options: passed to XLA.
 
   Returns:
@@ -245,9 +274,12 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     raise ValueError("generate: every prompt needs at least one token")
   P = prompt_bucket(max(len(r) for r in rows), chunk_size)
   tokens, valid = left_pad(rows, pad_id, P)
-  cache = init_cache(model, len(rows), round_up(P + max_new_tokens, bucket))
+  K = max(1, min(steps_per_call, max_new_tokens - 1))
+  cache = init_cache(model, len(rows), round_up(P + round_up(max_new_tokens - 1, K), bucket))
+  model = split_model(model)
   last, cache = prefill(model, tokens, cache, valid, chunk_size=chunk_size, progress=progress,
                         compiler_options=compiler_options)
   out = decode(model, cache, last, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-               stop_tokens=stops, seed=seed, pad_id=pad_id, progress=progress, compiler_options=compiler_options)
+               stop_tokens=stops, seed=seed, pad_id=pad_id, steps_per_call=steps_per_call, progress=progress,
+               compiler_options=compiler_options)
   return out[0] if single else out

@@ -31,6 +31,12 @@ def attention_implementation(requested: str | None, dtype) -> str:
   return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
+def cached_key_block(T: int) -> int:
+  """Cache slots per block when a chunk of T > 1 new tokens attends to the cache: the chunk length clamped to
+  [8, 1024] (scores held at a time: [B, heads, T, block] float32)."""
+  return max(8, min(T, 1024))
+
+
 class FullAttention(nnx.Module):
   """Causal softmax GQA with QK RMSNorm (Qwen3) and RoPE, for the first ``num_groups`` groups."""
 
@@ -77,27 +83,64 @@ class FullAttention(nnx.Module):
     (o_BxTxHfxK,) = attend(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask)
     return constrain(o_BxTxHfxK, HEADS_NAMES)
 
-  def attend_cached(self, q, k, v, *, cos_sin, cache_k, cache_v, length, start_B):
-    """Attention of T new tokens over a KV cache (chunked prefill, T = 1 for decoding).
+  def attend_cached(self, q, k, v, *, cos_sin, cache_k, cache_v, length, start_B, valid_BxT):
+    """Attention of T new tokens (slots [length, length + T)) over a KV cache and themselves: chunked prefill,
+    and decoding with T = 1.
 
-    q [B, T, Hf, K], k and v [B, T, Gf, K] are the projected new tokens, which occupy cache slots
-    [length, length + T); cache_k / cache_v [B, S, Gf, K] hold keys (after QK-norm and RoPE) and values of the
-    earlier slots. Slots before ``start_B[b]`` are row b's left padding: never attended (a padding query sees
-    only itself). Returns (o [B, T, Hf, K], cache_k, cache_v) with the new tokens written. The XLA attention runs
-    over all S slots under a mask, so one compiled shape serves every length.
+    q [B, T, Hf, K], k and v [B, T, Gf, K] are the projected new tokens; cache_k / cache_v [B, S, Gf, K] hold
+    keys (after QK-norm and RoPE) and values of earlier slots, of which [start_B[b], length) are row b's real
+    tokens (left padding before). Among the new tokens attention is causal and skips those with ``valid_BxT``
+    False (padding; each still sees itself). One softmax over both parts; the cache is only read: for T = 1 in
+    one masked pass over all S slots, for a chunk (T > 1) block by block over the filled slots only (online
+    softmax, ``cached_key_block``), so a prefill costs causal attention and holds [T, block] scores. Returns
+    (o [B, T, Hf, K], the new tokens' keys and values [B, T, Gf, K]) for the caller to write at ``length``.
     """
     q_BxTxHfxK, k_BxTxGfxK = q, k
     if self.q_norm is not None:
       q_BxTxHfxK, k_BxTxGfxK = self.q_norm(q_BxTxHfxK), self.k_norm(k_BxTxGfxK)
     q_BxTxHfxK = apply_rope(q_BxTxHfxK, *cos_sin)
-    k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BxTxGfxK.astype(cache_k.dtype), length, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), length, axis=1)
-    T, S = q_BxTxHfxK.shape[1], cache_k.shape[1]
-    slot_1xTx1 = (length + jnp.arange(T, dtype=jnp.int32))[None, :, None]
-    slot_1x1xS = jnp.arange(S, dtype=jnp.int32)[None, None, :]
-    mask_BxTxS = (slot_1x1xS <= slot_1xTx1) & ((slot_1x1xS >= start_B[:, None, None]) | (slot_1x1xS == slot_1xTx1))
-    o_BxTxHfxK = jax.nn.dot_product_attention(q_BxTxHfxK, cache_k.astype(q_BxTxHfxK.dtype),
-                                              cache_v.astype(q_BxTxHfxK.dtype), mask=mask_BxTxS[:, None],
-                                              scale=self.cfg.head_dim**-0.5, implementation="xla")
-    return constrain(o_BxTxHfxK, HEADS_NAMES), cache_k, cache_v
+    k_BxTxGfxK = apply_rope(k_BxTxGfxK, *cos_sin).astype(cache_k.dtype)
+    v_BxTxGfxK = v.astype(cache_v.dtype)
+    B, T, Hf, K = q_BxTxHfxK.shape
+    G, S, dt, f32 = k_BxTxGfxK.shape[2], cache_k.shape[1], cache_k.dtype, jnp.float32
+    q_BxTxGxRxK = q_BxTxHfxK.reshape(B, T, G, Hf // G, K).astype(dt)
+    scale = self.cfg.head_dim**-0.5
+
+    def scores(keys_BxSxGxK):
+      return jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, keys_BxSxGxK, preferred_element_type=f32) * scale
+
+    def values(p_BxGxRxTxS, values_BxSxGxK):
+      return jnp.einsum("bgrts,bsgk->bgrtk", p_BxGxRxTxS.astype(dt), values_BxSxGxK, preferred_element_type=f32)
+
+    def old_block(carry, first, size, lo):
+      """Online-softmax update with cache slots [first, first + size), of which those >= lo count."""
+      m_BxGxRxT, l_BxGxRxT, acc_BxGxRxTxK = carry
+      slot_S = first + jnp.arange(size, dtype=jnp.int32)
+      keep_BxS = (slot_S >= lo) & (slot_S < length) & (slot_S >= start_B[:, None])
+      s = jnp.where(keep_BxS[:, None, None, None, :], scores(jax.lax.dynamic_slice_in_dim(cache_k, first, size, 1)),
+                    -jnp.inf)
+      m_new = jnp.maximum(m_BxGxRxT, s.max(-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(s - m_safe[..., None])
+      corr = jnp.exp(m_BxGxRxT - m_safe)
+      acc = acc_BxGxRxTxK * corr[..., None] + values(p, jax.lax.dynamic_slice_in_dim(cache_v, first, size, 1))
+      return m_new, l_BxGxRxT * corr + p.sum(-1), acc
+
+    init = (jnp.full((B, G, Hf // G, T), -jnp.inf, f32), jnp.zeros((B, G, Hf // G, T), f32),
+            jnp.zeros((B, G, Hf // G, T, K), f32))
+    if T == 1:
+      m_old, l_old, acc_old = old_block(init, 0, S, 0)
+    else:
+      blk = min(S, cached_key_block(T))
+      m_old, l_old, acc_old = jax.lax.fori_loop(  # only the blocks holding slots < length; the last one clamped
+          0, (length + blk - 1) // blk, lambda i, c: old_block(c, jnp.minimum(i * blk, S - blk), blk, i * blk), init)
+    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+    new_Bx1x1xTxT = (causal_TxT & (valid_BxT[:, None, :] | jnp.eye(T, dtype=bool)))[:, None, None]
+    s_new = jnp.where(new_Bx1x1xTxT, scores(k_BxTxGfxK), -jnp.inf)
+    m_BxGxRxT = jnp.maximum(m_old, s_new.max(-1))  # finite: every query sees itself
+    p_new = jnp.exp(s_new - m_BxGxRxT[..., None])
+    corr = jnp.exp(m_old - m_BxGxRxT)
+    denom_BxGxRxT = l_old * corr + p_new.sum(-1)
+    o_BxGxRxTxK = (acc_old * corr[..., None] + values(p_new, v_BxTxGfxK)) / denom_BxGxRxT[..., None]
+    o_BxTxHfxK = jnp.transpose(o_BxGxRxTxK, (0, 3, 1, 2, 4)).reshape(B, T, Hf, K).astype(q.dtype)
+    return constrain(o_BxTxHfxK, HEADS_NAMES), k_BxTxGfxK, v_BxTxGfxK

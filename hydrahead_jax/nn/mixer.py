@@ -74,14 +74,17 @@ class HydraHeadMixer(nnx.Module):
     """__call__ for T new tokens continuing from this layer's cache (``generation.LayerCache``: FA keys/values
     ``k``, ``v`` [B, S, Gf, K]; LA ``state`` [B, Hl, K, K] and conv tails ``conv_q/k/v`` [B, W-1, Hl, K]).
 
-    The new tokens occupy cache slots [length, length + T); ``start_B`` [B] is each row's first real slot (left
-    padding before it), ``valid_BxT`` marks the new tokens that are not padding. Returns (y [B, T, D], new cache).
+    The new tokens occupy slots [length, length + T); ``start_B`` [B] is each row's first real slot (left
+    padding before it), ``valid_BxT`` marks the new tokens that are not padding. Returns (y [B, T, D], update):
+    ``update`` is a LayerCache whose LA fields are the new state and tails and whose ``k``, ``v`` are only the T
+    new rows [B, T, Gf, K] (``HydraHeadLM.extend`` writes them, in place, into the full cache).
     """
     dt = self.cfg.dtype
     o_fa = o_la = z = None
     if self.fa is not None:
       o_fa, k, v = self.fa.attend_cached(**project(x_BxTxD, self.fa.projections(), dt), cos_sin=cos_sin,
-                                         cache_k=cache.k, cache_v=cache.v, length=length, start_B=start_B)
+                                         cache_k=cache.k, cache_v=cache.v, length=length, start_B=start_B,
+                                         valid_BxT=valid_BxT)
       cache = cache._replace(k=k, v=v)
     if self.la is not None:
       o_la, z, state, (tq, tk, tv) = self.la.mix_cached(

@@ -216,13 +216,15 @@ class HydraHeadLM(nnx.Module):
     return x, {k: jnp.concatenate([c[k] for c in collected], axis=0) for k in keep}
 
   def extend(self, tokens_BxT: jax.Array, cache, valid_BxT: jax.Array | None = None, *,
-             last_only: bool = False) -> tuple[jax.Array, object]:
+             last_only: bool = False, unroll: bool = False) -> tuple[jax.Array, object]:
     """Runs T new tokens on top of a ``generation.HybridCache``: (logits [B, T, V] float32, new cache).
 
     Chunked prefill and decoding (T = 1) are this call. ``valid_BxT`` (default all True) is False on left
     padding, which must come before any real token of its row; RoPE positions continue per row from
     ``cache.pos``. ``last_only``: logits of the last column only ([B, 1, V]; with left padding, every row's
-    last token).
+    last token). ``unroll``: unroll the scan over a segment's layers (one straight-line decode step).
+    The FA rows of the new tokens are written into the cache once, after each segment, in place when the
+    caller donates the cache.
     """
     cfg = self.cfg
     if valid_BxT is None:
@@ -237,14 +239,18 @@ class HydraHeadLM(nnx.Module):
     layers = []
     for seg, stack, layer_cache in zip(self.segments_plan, self.segments, cache.layers):
       if not seg.stacked:
-        x, layer_cache = stack.cached(x, cos_sin, layer_cache, length, start_B, valid_BxT)
+        x, update = stack.cached(x, cos_sin, layer_cache, length, start_B, valid_BxT)
       else:
-        @nnx.scan(in_axes=(0, nnx.Carry, 0, None, None, None, None), out_axes=(nnx.Carry, 0))
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, None, None, None, None), out_axes=(nnx.Carry, 0),
+                  unroll=seg.length if unroll else 1)
         def scan_fn(block, carry, lc, cs, n, start, valid):
           return block.cached(carry, cs, lc, n, start, valid)
 
-        x, layer_cache = scan_fn(stack, x, layer_cache, cos_sin, length, start_B, valid_BxT)
-      layers.append(layer_cache)
+        x, update = scan_fn(stack, x, layer_cache, cos_sin, length, start_B, valid_BxT)
+      time_axis = 2 if seg.stacked else 1
+      write = lambda full, rows: (None if full is None else  # noqa: E731
+                                  jax.lax.dynamic_update_slice_in_dim(full, rows, length, axis=time_axis))
+      layers.append(update._replace(k=write(layer_cache.k, update.k), v=write(layer_cache.v, update.v)))
     x = self.final_norm(x[:, -1:] if last_only else x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)

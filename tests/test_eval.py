@@ -122,7 +122,8 @@ def test_cli_compares_models_and_writes_outputs(model, tmp_path, capsys):
   path = save_hybrid_safetensors(model, str(tmp_path / "tiny"))
   out = tmp_path / "eval"
   rc = main(["--model", f"{path},{path}", "--tasks", "niah_single,ppl", "--lengths", "512", "--examples", "2",
-             "--ppl-docs", "2", "--batch-size", "2", "--chunk-size", "256", "--max-new-tokens", "24", "--out", str(out)])
+             "--ppl-docs", "2", "--batch-size", "2", "--chunk-size", "256", "--max-new-tokens", "24",
+             "--out", str(out)])
   assert rc == 0
   res = json.loads((out / "results.json").read_text())
   assert list(res["models"]) == ["tiny", "tiny#2"] and res["config"]["lengths"] == [512]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from hydrahead_jax.losses import DEFAULT_CHUNK, chunked_cross_entropy
+from hydrahead_jax.parallel.context import per_token_shards
 from hydrahead_jax.train.state import merge
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
@@ -74,12 +75,14 @@ def token_outputs(model, batch, loss_chunk: int = DEFAULT_CHUNK) -> tuple[jax.Ar
   """Per-token next-token CE [B, T] float32 and argmax hits [B, T] of ``model`` on a batch.
 
   ``loss_chunk`` > 0: from the final hidden states, ``loss_chunk`` positions at a time (no [B, T, V]
-  logits); 0: through the full float32 logits (optax CE, as ``token_stats``).
+  logits), on each device's own tokens under context parallelism; 0: through the full float32 logits (optax CE,
+  as ``token_stats``).
   """
   args = (batch["inputs"], batch["segment_ids"], batch["positions"])
   if loss_chunk > 0:
     w, layout = model.output_projection()
-    return chunked_cross_entropy(model.hidden(*args), w, batch["targets"], w_layout=layout, chunk=loss_chunk)
+    return per_token_shards(chunked_cross_entropy)(model.hidden(*args), w, batch["targets"], w_layout=layout,
+                                                   chunk=loss_chunk)
   return _logit_outputs(model(*args), batch["targets"])
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 FUSION_VARIANTS = ("scale_norm", "rmsnorm_all", "none")
+LA_SHARING = ("none", "kv", "kv_gates")
 REMAT_POLICIES = ("none", "full", "dots", "save_proj", "offload")  # per layer; see nn/model.py _REMAT_POLICIES
 
 
@@ -129,6 +130,11 @@ class ModelConfig:
   # Gated DeltaNet heads
   la_conv_size: int = 4
   la_output_gate: bool = True
+  # What the LA heads of one KV group share (a GQA teacher shares k, v per group): 'none' = every LA head has its
+  # own k/v projections and gates (copies of its group's k/v at conversion); 'kv' = k, v projections and convs
+  # per KV group, decay/write gates per head; 'kv_gates' = k, v and the decay/write gates per group (one delta-rule
+  # state per group, read by the group's queries). Conversion from a GQA teacher is exact for both sharing modes.
+  la_sharing: str = "none"
   la_chunk_size: int = 64
   la_implementation: str | None = None  # GDN op: None = 'pallas' on GPU/TPU, else 'chunked' (ops registry)
   # Kernel choices (None = automatic): they change numerics at the bf16 rounding level, so they are config fields,
@@ -166,6 +172,8 @@ class ModelConfig:
     for name in ("conv_implementation", "fusion_implementation"):
       if getattr(self, name) not in (None, "xla", "pallas"):
         raise ValueError(f"model.{name}: {getattr(self, name)!r}; choose None (auto), 'xla' or 'pallas'")
+    if self.la_sharing not in LA_SHARING:
+      raise ValueError(f"model.la_sharing: unknown mode {self.la_sharing!r}; choose one of {LA_SHARING}")
     if self.la_conv_size < 1:
       raise ValueError(f"model.la_conv_size: must be >= 1, got {self.la_conv_size}")
     if self.la_chunk_size < 1:
@@ -189,6 +197,11 @@ class ModelConfig:
 
   def num_fa_heads(self, layer: int) -> int:
     return self.layout.num_fa(layer) * self.heads_per_group
+
+  def num_la_kv_heads(self, layer: int) -> int:
+    """k/v heads of the layer's LA heads: one per LA head, or one per LA KV group when ``la_sharing`` shares them."""
+    n = self.num_la_heads(layer)
+    return n if self.la_sharing == "none" else n // self.heads_per_group
 
   def num_la_heads(self, layer: int) -> int:
     return self.num_heads - self.num_fa_heads(layer)

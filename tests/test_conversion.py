@@ -49,3 +49,34 @@ def test_conversion_reuses_fa_heads_exactly(rng):
     for name in ("attn_norm.scale", "mlp_norm.scale", "mlp.w_gate", "mlp.w_up", "mlp.w_down"):
       np.testing.assert_array_equal(sflat[p + name], tflat[p + name])
   assert checked_fa == 2
+
+
+def test_la_sharing_modes(rng):
+  """Shared k/v (and gates) per KV group: fewer parameters, exact reuse of the teacher's group k/v, a forward and
+  its gradients that are finite; the sharing equals per-head k/v copies at conversion (identical outputs)."""
+  import jax
+
+  teacher = HydraHeadLM(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  tflat = model_to_flat(teacher)
+  tok = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+  layout = HeadLayout(((2,), (0, 3), ()))
+  outs, params = {}, {}
+  for mode in ("none", "kv", "kv_gates"):
+    scfg = student_config(CFG, layout, la_sharing=mode)
+    student = model_from_flat(scfg, convert_flat(tflat, scfg))
+    params[mode] = student.num_params()
+    outs[mode] = nnx.jit(lambda m, t: m(t))(student, tok)
+    sflat = model_to_flat(student)
+    for layer in range(CFG.num_layers):
+      _, la_heads = head_order(layout, layer, CFG.num_kv_heads, R)
+      p = f"layers.{layer}."
+      groups = la_heads // R if mode == "none" else la_heads[::R] // R
+      np.testing.assert_array_equal(sflat[p + "mixer.la.wk"], tflat[p + "mixer.fa.wk"][:, groups])
+      n_gates = len(la_heads) // R if mode == "kv_gates" else len(la_heads)
+      assert sflat[p + "mixer.la.w_a"].shape == (CFG.d_model, n_gates)
+    grads = nnx.grad(lambda m: jnp.mean(m(tok) ** 2))(student)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  # at conversion every head of a group copies the same k/v and starts with the same gates: sharing is exact
+  np.testing.assert_allclose(outs["kv"], outs["none"], atol=1e-5)
+  np.testing.assert_allclose(outs["kv_gates"], outs["none"], atol=1e-5)
+  assert params["kv_gates"] < params["kv"] < params["none"]

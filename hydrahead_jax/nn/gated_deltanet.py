@@ -54,23 +54,28 @@ def _conv_identity_init(key, shape, dtype):
 
 
 class GatedDeltaNet(nnx.Module):
-  """``num_heads`` Gated DeltaNet heads; each owns its q/k/v projections (copyable from a teacher's slices)."""
+  """``num_heads`` Gated DeltaNet heads. q projections are per head; k/v projections (and their convs) per head or,
+  with ``cfg.la_sharing``, per KV group (Hkv = num_heads / heads_per_group), as are the decay/write gates with
+  'kv_gates'. Shared tensors are repeated to the heads right before the delta rule."""
 
   def __init__(self, cfg: ModelConfig, num_heads: int, *, rngs: nnx.Rngs):
     D, K, W, pd = cfg.d_model, cfg.head_dim, cfg.la_conv_size, cfg.param_dtype
     hk = ("embed", "heads", "head_dim")
     self.cfg = cfg
+    self.kv_repeat = 1 if cfg.la_sharing == "none" else cfg.heads_per_group
+    self.gate_repeat = self.kv_repeat if cfg.la_sharing == "kv_gates" else 1
+    kv_heads, gate_heads = num_heads // self.kv_repeat, num_heads // self.gate_repeat
     self.wq = make_param(rngs, fan_in_normal(D), (D, num_heads, K), hk, pd)
-    self.wk = make_param(rngs, fan_in_normal(D), (D, num_heads, K), hk, pd)
-    self.wv = make_param(rngs, fan_in_normal(D), (D, num_heads, K), hk, pd)
+    self.wk = make_param(rngs, fan_in_normal(D), (D, kv_heads, K), hk, pd)
+    self.wv = make_param(rngs, fan_in_normal(D), (D, kv_heads, K), hk, pd)
     conv_names = ("conv", "heads", "head_dim")
     self.conv_q = make_param(rngs, _conv_identity_init, (W, num_heads, K), conv_names, pd)
-    self.conv_k = make_param(rngs, _conv_identity_init, (W, num_heads, K), conv_names, pd)
-    self.conv_v = make_param(rngs, _conv_identity_init, (W, num_heads, K), conv_names, pd)
-    self.a_log = make_param(rngs, _a_log_init, (num_heads,), ("heads",), pd)
-    self.dt_bias = make_param(rngs, _dt_bias_init, (num_heads,), ("heads",), pd)
-    self.w_a = make_param(rngs, fan_in_normal(D), (D, num_heads), ("embed", "heads"), pd)
-    self.w_b = make_param(rngs, fan_in_normal(D), (D, num_heads), ("embed", "heads"), pd)
+    self.conv_k = make_param(rngs, _conv_identity_init, (W, kv_heads, K), conv_names, pd)
+    self.conv_v = make_param(rngs, _conv_identity_init, (W, kv_heads, K), conv_names, pd)
+    self.a_log = make_param(rngs, _a_log_init, (gate_heads,), ("heads",), pd)
+    self.dt_bias = make_param(rngs, _dt_bias_init, (gate_heads,), ("heads",), pd)
+    self.w_a = make_param(rngs, fan_in_normal(D), (D, gate_heads), ("embed", "heads"), pd)
+    self.w_b = make_param(rngs, fan_in_normal(D), (D, gate_heads), ("embed", "heads"), pd)
     if cfg.la_output_gate:
       # gate = SiLU(W_z x + z_bias). The bias lets a converted head start with a constant gate
       # (W_z = 0, large z_bias: SiLU ~ identity-scaled constant, absorbed by the fusion scale).
@@ -78,6 +83,17 @@ class GatedDeltaNet(nnx.Module):
       self.z_bias = make_param(rngs, nnx.initializers.zeros, (num_heads, K), ("heads", "head_dim"), pd)
     else:
       self.w_z = self.z_bias = None
+
+  @staticmethod
+  def _to_heads(x_BxTxH, repeat: int):
+    """Shared per-group tensors [B, T, Hkv, ...] -> per head [B, T, Hkv * repeat, ...] (group-major heads)."""
+    return x_BxTxH if repeat == 1 else jnp.repeat(x_BxTxH, repeat, axis=2)
+
+  def _gates(self, a, b):
+    """(log decay g, write strength beta) [B, T, H] float32 from the projections W_a x, W_b x."""
+    a_BxTxH, b_BxTxH = a.astype(jnp.float32), b.astype(jnp.float32)
+    g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
+    return self._to_heads(g_BxTxH, self.gate_repeat), self._to_heads(jax.nn.sigmoid(b_BxTxH), self.gate_repeat)
 
   def _conv(self, x_BxTxHxK, w, segment_ids_BxT, normalize: bool):
     """SiLU(short causal conv) per channel, then (q, k) L2 norm per head; in x's dtype."""
@@ -120,11 +136,9 @@ class GatedDeltaNet(nnx.Module):
     q, k, v, a, b = (checkpoint_name(x, "mixer_proj") for x in (q, k, v, a, b))  # remat 'save_proj' (nn/model.py)
     z = None if z is None else checkpoint_name(z, "mixer_proj")
     q_BxTxHxK = self._conv(q, self.conv_q, segment_ids_BxT, normalize=True)
-    k_BxTxHxK = self._conv(k, self.conv_k, segment_ids_BxT, normalize=True)
-    v_BxTxHxK = self._conv(v, self.conv_v, segment_ids_BxT, normalize=False)
-    a_BxTxH, b_BxTxH = a.astype(jnp.float32), b.astype(jnp.float32)
-    g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
-    beta_BxTxH = jax.nn.sigmoid(b_BxTxH)
+    k_BxTxHxK = self._to_heads(self._conv(k, self.conv_k, segment_ids_BxT, normalize=True), self.kv_repeat)
+    v_BxTxHxK = self._to_heads(self._conv(v, self.conv_v, segment_ids_BxT, normalize=False), self.kv_repeat)
+    g_BxTxH, beta_BxTxH = self._gates(a, b)
     gdn = per_shard(lambda q, k, v, g, beta, seg: gated_delta_rule(
         q, k, v, g, beta, segment_ids=seg, chunk_size=cfg.la_chunk_size, implementation=cfg.la_implementation)[:1],
                     (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BT,), (SHARD_BTHK,))
@@ -149,7 +163,7 @@ class GatedDeltaNet(nnx.Module):
     """mix() continuing from a cache (chunked prefill; T = 1 is a one-token recurrent update).
 
     state [B, H, K, K] float32 is the delta-rule state before the first new token; conv_tails = (q, k, v) tails
-    [B, W-1, H, K], the last W-1 pre-conv inputs. Tokens where ``valid_BxT`` is False (left padding) are no-ops:
+    [B, W-1, H (q) or Hkv (k, v), K], the last W-1 pre-conv inputs. Tokens where ``valid_BxT`` is False (left padding) are no-ops:
     zero conv inputs, g = 0, beta = 0. Returns (raw head outputs [B, T, H, K], W_z x or None, new state,
     new conv_tails).
     """
@@ -158,10 +172,10 @@ class GatedDeltaNet(nnx.Module):
     convs = [self._conv_cached(x * keep_BxTx1x1, tail, w, normalize=n) for x, tail, w, n in zip(
         (q, k, v), conv_tails, (self.conv_q, self.conv_k, self.conv_v), (True, True, False))]
     (q_BxTxHxK, tq), (k_BxTxHxK, tk), (v_BxTxHxK, tv) = convs
-    a_BxTxH, b_BxTxH = a.astype(jnp.float32), b.astype(jnp.float32)
-    g_BxTxH = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(a_BxTxH + self.dt_bias[...])
+    k_BxTxHxK, v_BxTxHxK = self._to_heads(k_BxTxHxK, self.kv_repeat), self._to_heads(v_BxTxHxK, self.kv_repeat)
+    g_BxTxH, beta_BxTxH = self._gates(a, b)
     g_BxTxH = jnp.where(valid_BxT[:, :, None], g_BxTxH, 0.0)
-    beta_BxTxH = jnp.where(valid_BxT[:, :, None], jax.nn.sigmoid(b_BxTxH), 0.0)
+    beta_BxTxH = jnp.where(valid_BxT[:, :, None], beta_BxTxH, 0.0)
     impl = "recurrent" if q.shape[1] == 1 else cfg.la_implementation
     gdn = per_shard(lambda q, k, v, g, beta, s: gated_delta_rule(
         q, k, v, g, beta, initial_state=s, output_final_state=True, chunk_size=cfg.la_chunk_size,

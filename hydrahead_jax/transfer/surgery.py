@@ -4,8 +4,8 @@ Works on canonical flat names (``hydrahead_jax.interop.names``). For each layer 
 LA groups ``R`` (the rest, in order), the student's head order is ``heads(F) + heads(R)``:
 - FA groups keep the teacher's q/k/v, QK-norm and the matching W_o rows exactly;
 - each LA head takes the teacher's q slice of its own query head and a private copy of its group's k/v
-  slices; the short conv starts as the exact identity (last tap 1), the decay gate starts input-independent
-  with long memory, the write gate at beta = 0.5, the output gate constant (W_z = 0, SiLU(z_bias));
+  slices (with ``la_sharing`` 'kv' / 'kv_gates' the group's LA heads share one exact copy, as in the teacher);
+  the short conv starts as the exact identity (last tap 1), the decay gate starts input-independent with long memory, the write gate at beta = 0.5, the output gate constant (W_z = 0, SiLU(z_bias));
 - W_o rows are permuted to the new head order, so the all-FA layout reproduces the teacher exactly.
 Fusion scales start at 1 (FA) / 1 (LA); ``calibrate`` (selection module) sets the LA scales from data.
 """
@@ -37,16 +37,19 @@ def student_config(teacher: ModelConfig, layout: HeadLayout, **overrides) -> Mod
 
 
 def _la_init(cfg: ModelConfig, n: int) -> dict[str, np.ndarray]:
-  K, D, W = cfg.head_dim, cfg.d_model, cfg.la_conv_size
-  conv = np.zeros((W, n, K), np.float32)
-  conv[-1] = 1.0
+  """Fresh LA parameters of ``n`` converted heads (k/v convs and gates per group when ``cfg.la_sharing`` says so)."""
+  K, D, W, r = cfg.head_dim, cfg.d_model, cfg.la_conv_size, cfg.heads_per_group
+  n_kv = n if cfg.la_sharing == "none" else n // r
+  n_gate = n // r if cfg.la_sharing == "kv_gates" else n
+  identity = lambda heads: np.concatenate([np.zeros((W - 1, heads, K), np.float32),  # noqa: E731
+                                           np.ones((1, heads, K), np.float32)])
   dt = CONVERTED_DECAY  # a_log = 0 -> A = 1; softplus(dt_bias) = dt
   out = {
-      "conv_q": conv, "conv_k": conv.copy(), "conv_v": conv.copy(),
-      "a_log": np.zeros((n,), np.float32),
-      "dt_bias": np.full((n,), dt + np.log(-np.expm1(-dt)), np.float32),
-      "w_a": np.zeros((D, n), np.float32),
-      "w_b": np.zeros((D, n), np.float32),
+      "conv_q": identity(n), "conv_k": identity(n_kv), "conv_v": identity(n_kv),
+      "a_log": np.zeros((n_gate,), np.float32),
+      "dt_bias": np.full((n_gate,), dt + np.log(-np.expm1(-dt)), np.float32),
+      "w_a": np.zeros((D, n_gate), np.float32),
+      "w_b": np.zeros((D, n_gate), np.float32),
   }
   if cfg.la_output_gate:
     out["w_z"] = np.zeros((D, n, K), np.float32)
@@ -74,7 +77,8 @@ def convert_layer(teacher_layer: dict[str, np.ndarray], cfg: ModelConfig, layer:
     elif cfg.fusion == "rmsnorm_all":
       out["mixer.fusion.fa_norm_scale"] = np.ones((len(fa_heads), cfg.head_dim), np.float32)
   if len(la_heads):
-    groups = la_heads // r
+    groups = la_heads // r  # per head: its KV group; with shared k/v: each LA group once (group-major heads)
+    groups = groups if cfg.la_sharing == "none" else groups[::r]
     out["mixer.la.wq"] = wq[:, la_heads]
     out["mixer.la.wk"] = wk[:, groups]
     out["mixer.la.wv"] = wv[:, groups]

@@ -25,6 +25,7 @@ LAYOUTS = {
     "layerwise_2to1": (HeadLayout.layerwise(L, G, every=3), {}),
     "head_level": (HeadLayout.per_layer(L, [1]), {}),
     "head_mixed_unscanned": (HeadLayout(((0,), (0, 1), ())), {"scan_layers": False}),
+    "head_level_shared_kv_gates": (HeadLayout.per_layer(L, [1]), {"la_sharing": "kv_gates"}),
 }
 S = 24  # cache slots used by the tests (one decode shape per batch size)
 
@@ -172,6 +173,9 @@ def test_cache_sizes_and_errors():
   # per token: 3 FA groups in all x K and V x head_dim 8 x 4 bytes; LA: 6 LA heads x (8x8 f32 state + 3 tails x 3 x 8)
   assert cache_bytes(cfg, 1) == {"per_token": 3 * 2 * 8 * 4, "fixed": 6 * (64 * 4 + 3 * 3 * 8 * 4),
                                  "total": 3 * 2 * 8 * 4 + 6 * (64 * 4 + 3 * 3 * 8 * 4)}
+  shared = make("head_level_shared_kv_gates")  # k/v conv tails per KV group: 3 LA heads' worth fewer per layer
+  assert cache_nbytes(init_cache(shared, 1, 8)) == cache_bytes(shared.cfg, 8)["total"] + 4 * 2
+  assert cache_bytes(shared.cfg, 1)["fixed"] == L * 2 * (64 * 4 + (2 + 2 * 1) * 3 * 8 * 4)
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, [[1, 2], []], 4)
   with pytest.raises(ValueError, match="do not fit"):

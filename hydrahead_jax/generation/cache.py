@@ -59,10 +59,10 @@ def init_cache(cfg_or_model, batch_size: int, max_length: int, dtype=None) -> Hy
   for seg in _segments(cfg):
     lead = (seg.length,) if seg.stacked else ()
     gf = seg.num_fa_groups
-    hl = cfg.num_heads - gf * cfg.heads_per_group
+    hl, hkv = cfg.num_la_heads(seg.start), cfg.num_la_kv_heads(seg.start)  # q tails per head, k/v per k/v head
     zeros = lambda *shape, d=dt: jnp.zeros(lead + shape, d)  # noqa: E731
     kv = (zeros(B, S, gf, K), zeros(B, S, gf, K)) if gf else (None, None)
-    la = ((zeros(B, hl, K, K, d=jnp.float32),) + tuple(zeros(B, W1, hl, K) for _ in range(3)) if hl
+    la = ((zeros(B, hl, K, K, d=jnp.float32), zeros(B, W1, hl, K), zeros(B, W1, hkv, K), zeros(B, W1, hkv, K)) if hl
           else (None,) * 4)
     layers.append(LayerCache(*kv, *la))
   return HybridCache(tuple(layers), jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
@@ -81,7 +81,7 @@ def cache_bytes(cfg: ModelConfig, length: int, batch_size: int = 1, dtype=None) 
   per_token = fixed = 0
   for i in range(cfg.num_layers):
     gf = cfg.num_fa_groups(i)
-    hl = cfg.num_la_heads(i)
+    hl, hkv = cfg.num_la_heads(i), cfg.num_la_kv_heads(i)
     per_token += 2 * gf * K * item
-    fixed += hl * K * K * 4 + 3 * W1 * hl * K * item
+    fixed += hl * K * K * 4 + (hl + 2 * hkv) * W1 * K * item
   return {"per_token": per_token, "fixed": fixed, "total": batch_size * (per_token * int(length) + fixed)}

@@ -175,7 +175,7 @@ def test_cache_sizes_and_errors():
                                  "total": 3 * 2 * 8 * 4 + 6 * (64 * 4 + 3 * 3 * 8 * 4)}
   shared = make("head_level_shared_kv_gates")  # k/v conv tails per KV group: 3 LA heads' worth fewer per layer
   assert cache_nbytes(init_cache(shared, 1, 8)) == cache_bytes(shared.cfg, 8)["total"] + 4 * 2
-  assert cache_bytes(shared.cfg, 1)["fixed"] == L * 2 * (64 * 4 + (2 + 2 * 1) * 3 * 8 * 4)
+  assert cache_bytes(shared.cfg, 1)["fixed"] == L * (2 * 64 * 4 + (2 + 2 * 1) * 3 * 8 * 4)  # 2 LA heads, 1 k/v head
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, [[1, 2], []], 4)
   with pytest.raises(ValueError, match="do not fit"):

@@ -29,6 +29,11 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from hydrahead_jax.train import config_lib  # noqa: PLC0415 (fast --help)
+  from hydrahead_jax.transfer.config import returns_transfer_config  # noqa: PLC0415
+
+  if returns_transfer_config(args.config):  # a three-stage transfer config (docs/transfer.md)
+    from hydrahead_jax.transfer.runner import main_from_args  # noqa: PLC0415
+    return main_from_args(args)
 
   try:
     cfg = config_lib.load(args.config, args.overrides, args.workdir)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--ppl-docs", type=int, default=2, help="documents for perplexity (of the longest length)")
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk length")
-  p.add_argument("--max-new-tokens", type=int, default=48)
+  p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per example")
   p.add_argument("--dtype", default=None, help="parameter dtype (default: float32 for teachers, as saved otherwise)")
   p.add_argument("--compute-dtype", default=None, help="activation dtype (default: the model's)")
   return p

@@ -3,8 +3,9 @@
 All through the hybrid cache (``hydrahead_jax.generation``): one chunked prefill per batch of prompts, then
   - log-probability: the expected answer teacher-forced one token per decode step on a copy of the cache
     (``logprob``: mean log p per answer token; ``lp_acc``: every answer token is the argmax);
-  - generation: greedy decoding from the same cache until every row has ended a line (or ``max_new_tokens``);
-    ``gen_acc`` = RULER's string match: the fraction of expected values found in the first line of the output.
+  - generation: greedy decoding from the same cache until every row produced a stop token (EOS, end of turn)
+    or, for single-value tasks, ended its first line of content (or ``max_new_tokens``); ``gen_acc`` = RULER's
+    string match: the fraction of expected values found (as whole numbers / words) in the generated text.
 Prompts of a batch have the same length (no padding); a short last batch is filled with copies (discarded),
 so a length needs one compiled prefill chunk and one compiled decode step for all its tasks.
 """
@@ -29,7 +30,7 @@ from hydrahead_jax.generation import decode_step, init_cache, prefill, round_up,
 class RunSettings:
   batch_size: int = 4
   chunk_size: int = 1024  # prefill chunk (XLA attention holds [batch, heads, chunk, slots] scores)
-  max_new_tokens: int = 48  # generation budget (also sizes the cache: one size per length)
+  max_new_tokens: int = 64  # generation budget (also sizes the cache: one size per length)
   compiler_options: dict | None = None
 
 
@@ -88,7 +89,8 @@ def run_batch(model, tokenizer, examples: Sequence[Example], settings: RunSettin
       if not ended[b]:
         gen[b].append(int(tok[b]))
         text = tokenizer.decode(gen[b])
-        ended[b] = int(tok[b]) in stops or "\n" in text.lstrip()  # a line of content ended
+        # a stop token; single-value tasks also end with their first line of content (the answer comes first)
+        ended[b] = int(tok[b]) in stops or (len(rows[b].values) == 1 and "\n" in text.lstrip())
     if ended.all() or step + 1 == settings.max_new_tokens:
       break
     logits, cache = decode_step(model, cache, tok, check=False, compiler_options=opts)
@@ -97,10 +99,9 @@ def run_batch(model, tokenizer, examples: Sequence[Example], settings: RunSettin
   out = []
   for b, e in enumerate(rows[:n]):
     text = tokenizer.decode([t for t in gen[b] if t not in stops]).strip()
-    first_line = text.split("\n")[0]
     m = mask[b]
-    out.append({"index": e.index, "values": e.values, "prediction": first_line,
-                "gen_score": match_values(first_line, e.values), "logprob": float(logp[b, m].mean()),
+    out.append({"index": e.index, "values": e.values, "prediction": text,
+                "gen_score": match_values(text, e.values), "logprob": float(logp[b, m].mean()),
                 "lp_exact": bool(hit[b, m].all()), "depths": e.depths})
   return out
 

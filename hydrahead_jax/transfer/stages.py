@@ -131,15 +131,15 @@ def _kd_loss(graphdef, rest, t_graphdef, t_rest, stage: StageConfig):
   def loss(params, teacher_params, mb, denoms):
     student = merge(graphdef, params, rest)
     h_s = losses.final_hidden(student, mb["inputs"], mb["segment_ids"], mb["positions"])
-    h_t = u_t = None
+    h_t = p_t = None
     if use_teacher:
       teacher = merge(t_graphdef, teacher_params, t_rest)
       h_t = jax.lax.stop_gradient(losses.final_hidden(teacher, mb["inputs"], mb["segment_ids"], mb["positions"]))
-      w_t, tied_t, dt_t = losses.unembedding(teacher)
-      u_t = (jax.lax.stop_gradient(w_t), tied_t, dt_t)
+      w_t, lay_t = teacher.output_projection()
+      p_t = (jax.lax.stop_gradient(w_t), lay_t)
     kl_w, ce_w = kd_weights(mb, stage)
-    s = losses.chunked_kd(h_s, losses.unembedding(student), h_t, u_t, mb["targets"], kl_w, ce_w, mb["answer_mask"],
-                          temperature=stage.temperature, chunk=stage.logits_chunk)
+    s = losses.kd_sums(h_s, student.output_projection(), h_t, p_t, mb["targets"], kl_w, ce_w, mb["answer_mask"],
+                       temperature=stage.temperature, chunk=stage.logits_chunk, compute_dtype=student.cfg.dtype)
     total = stage.kl_weight * s["kl_sum"] / denoms[0] + stage.ce_weight * s["ce_sum"] / denoms[1]
     return total, s
 

@@ -14,7 +14,7 @@ Per layout and context length L (batch B):
 Each shape is compiled once (a warm-up run) before timing; every timing blocks on its result. A cell that fails
 (out of memory, ...) is recorded as {"error": ...} and the run goes on. Results go to --out as JSON.
 
-  python benchmarks/bench_generation.py --out $OUT --lengths 4096 32768 131072
+  python benchmarks/bench_generation.py --out $OUT --lengths 4096 32768 131072 [--check] [--unroll] [--batch 8]
   python benchmarks/bench_generation.py --smoke --out /tmp/bg      # tiny shapes on CPU, checks the script runs
 """
 
@@ -37,8 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hydrahead_jax.config import HeadLayout, ModelConfig  # noqa: E402
-from hydrahead_jax.generation import (cache_bytes, cache_nbytes, decode, init_cache, prefill,  # noqa: E402
-                                      round_up, split_model)
+from hydrahead_jax.generation import (cache_bytes, cache_nbytes, decode, decode_step, init_cache,  # noqa: E402
+                                      prefill, round_up, split_model)
 from hydrahead_jax.nn.model import create_model  # noqa: E402
 
 QWEN3_06B = dict(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
@@ -91,6 +91,25 @@ def time_decode(model, tokens, slots: int, chunk: int, steps: int, unroll: bool)
   return times[-1] / steps
 
 
+def check_cached(model, cfg: ModelConfig, length: int = 512, chunk: int = 256, steps: int = 8) -> dict:
+  """Max |logits| difference between the cache path (chunked prefill + decode steps) and the full forward, on
+  this device and layout (bf16 rounding: expect small errors against the logits' scale)."""
+  from flax import nnx
+
+  graphdef, state = model[:2]
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, length + steps)), jnp.int32)
+  full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  cache = init_cache(cfg, 1, round_up(length + steps, 256))
+  logits, cache = prefill(model[:2], tokens[:, :length], cache, chunk_size=chunk, all_logits=True)
+  prefill_err = float(jnp.abs(logits - full[:, :length]).max())
+  decode_err = 0.0
+  for i in range(length, length + steps):
+    step_logits, cache = decode_step(model[:2], cache, tokens[:, i], check=False)
+    decode_err = max(decode_err, float(jnp.abs(step_logits - full[:, i]).max()))
+  return {"prefill_max_abs_err": prefill_err, "decode_max_abs_err": decode_err,
+          "logits_max_abs": float(jnp.abs(full).max())}
+
+
 def run(args) -> dict:
   dims = SMOKE if args.smoke else QWEN3_06B
   base = ModelConfig(**dims, dtype=args.dtype, param_dtype=args.dtype, la_implementation=args.gdn_impl)
@@ -109,6 +128,9 @@ def run(args) -> dict:
       graphdef, state = split_model(model)
       m = (graphdef, state, cfg)
       entry["params"] = int(sum(x.size for x in jax.tree.leaves(state)))
+      if args.check:
+        entry["check"] = check_cached(m, cfg)
+        print(f"{name}: cached vs full forward {entry['check']}", flush=True)
     except Exception as e:  # noqa: BLE001 - reported, the next layout still runs
       entry["error"] = error_cell(e)
       print(f"{name}: model creation failed: {entry['error']['error']}", flush=True)
@@ -147,7 +169,8 @@ def run(args) -> dict:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default=".")
-  ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072])
+  ap.add_argument("--lengths", type=int, nargs="*", default=None,
+                  help="context lengths (default 4096 16384 32768 65536 131072; --smoke: 64 128)")
   ap.add_argument("--layouts", nargs="*", choices=["all_fa", "head_7to1", "layer_3to1"], default=None)
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk length")
@@ -156,10 +179,14 @@ def main(argv=None) -> None:
   ap.add_argument("--unroll", action="store_true", help="unroll the layer scan inside a decoding step")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--gdn-impl", default=None, help="gated delta rule implementation (default: the backend's)")
+  ap.add_argument("--check", action="store_true",
+                  help="first compare the cached path with the full forward per layout (logit errors in the JSON)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU): checks the script runs")
   args = ap.parse_args(argv)
   if args.smoke:
-    args.lengths, args.decode_steps, args.reps, args.chunk, args.dtype = [64, 128], 4, 1, 64, "float32"
+    args.lengths = args.lengths or [64, 128]
+    args.decode_steps, args.reps, args.chunk, args.dtype = 4, 1, 64, "float32"
+  args.lengths = args.lengths or [4096, 16384, 32768, 65536, 131072]
   res = run(args)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, f"bench_generation_{'smoke' if args.smoke else jax.default_backend()}.json")

@@ -1,5 +1,6 @@
 """Evaluation: deterministic exact-length RULER-style examples over natural text, scoring through the cache equals
-the full forward, perplexity buckets, the CLI (outputs, model comparison, one-line errors)."""
+the full forward, perplexity buckets, the CLI (outputs, model comparison, one-line errors); the generation
+benchmark's CPU smoke run."""
 
 import json
 import os
@@ -145,3 +146,18 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
   assert main(argv + ["--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "error:" in err[0] and message in err[0], err
+
+
+def test_bench_generation_smoke(tmp_path):
+  """The GPU benchmark's CPU smoke run: one layout, one length, with the cached-vs-full check."""
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import bench_generation
+
+  bench_generation.main(["--smoke", "--check", "--layouts", "layer_3to1", "--lengths", "64", "--out", str(tmp_path)])
+  res = json.loads((tmp_path / "bench_generation_smoke.json").read_text())["layouts"]["layer_3to1"]
+  cell = res["cells"]["64"]
+  assert cell["prefill_tok_s"] > 0 and cell["decode_tok_s"] > 0 and cell["cache"]["per_token"] > 0
+  assert res["check"]["prefill_max_abs_err"] < 1e-4 and res["check"]["decode_max_abs_err"] < 1e-4
+

@@ -29,16 +29,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from hydrahead_jax.train import config_lib  # noqa: PLC0415 (fast --help)
-  from hydrahead_jax.transfer.config import returns_transfer_config  # noqa: PLC0415
-
-  if returns_transfer_config(args.config):  # a three-stage transfer config (docs/transfer.md)
-    from hydrahead_jax.transfer.runner import main_from_args  # noqa: PLC0415
-    return main_from_args(args)
 
   try:
     cfg = config_lib.load(args.config, args.overrides, args.workdir)
   except ValueError as e:  # config errors are ValueErrors naming the key
     raise UserError(str(e)) from e
+  if not isinstance(cfg, config_lib.Config):  # a three-stage transfer config (docs/transfer.md)
+    from hydrahead_jax.transfer.runner import main_from_config  # noqa: PLC0415
+    return main_from_config(cfg, args.print_config)
   if args.print_config:
     print(config_lib.to_json(cfg))
     return 0

@@ -73,9 +73,12 @@ def evaluate(model, sets: Sequence[ProbeSet], text: Sequence[np.ndarray], teache
   if text:
     t_graphdef, t_state = nnx.split(teacher)
     sums = np.zeros(5)
-    for rows in text:
-      sums += np.asarray([float(x) for x in _text_scores(graphdef, state, t_graphdef, t_state, jnp.asarray(rows),
-                                                         int(window))])
+    vocab = model.cfg.vocab_size
+    for rows in text:  # full logits here: at most ~2^28 logits (1 GiB in float32) per call
+      per = max(1, min(len(rows), (1 << 28) // max(rows.shape[1] * vocab, 1)))
+      for a in range(0, len(rows), per):
+        sums += np.asarray([float(x) for x in _text_scores(graphdef, state, t_graphdef, t_state,
+                                                           jnp.asarray(rows[a:a + per]), int(window))])
     ce_in, ce_out, kl_in, n_in, n_out = sums
     out["text_ce"] = ce_in / max(n_in, 1)
     out["text_kl"] = kl_in / max(n_in, 1)

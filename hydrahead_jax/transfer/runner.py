@@ -931,13 +931,12 @@ def plot_stages(metrics_path: str, out_png: str, stage_names) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------------
-def main_from_args(args) -> int:
-  """train.py's dispatch: ``args`` has config, overrides, workdir, print_config."""
-  cfg = tconfig.load(args.config, args.overrides, args.workdir)
-  if getattr(args, "print_config", False):
+def main_from_config(cfg: TransferConfig, print_config: bool = False) -> int:
+  """``train.py`` / ``python -m hydrahead_jax.transfer``: runs a loaded transfer config (exit code)."""
+  if print_config:
     print(tconfig.to_json(cfg))
     return 0
-  if cfg.xla_flags:
+  if cfg.xla_flags:  # before the first JAX computation creates a backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cfg.xla_flags).strip()
   from hydrahead_jax.train.loop import TrainingDiverged
 
@@ -947,3 +946,8 @@ def main_from_args(args) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 3
   return 0
+
+
+def main_from_args(args) -> int:
+  """``args`` with config, overrides, workdir, print_config."""
+  return main_from_config(tconfig.load(args.config, args.overrides, args.workdir), getattr(args, "print_config", False))

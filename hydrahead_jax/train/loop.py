@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hydrahead_jax.data.pipeline import (make_eval_batches, make_train_iterator, resolve_tokenizer,
                                          validate_source)
 from hydrahead_jax.nn.model import create_model
-from hydrahead_jax.train import config_lib, optim
+from hydrahead_jax.train import config_lib, distributed, optim
 from hydrahead_jax.train.checkpoint import (Checkpointer, CheckpointUnusable, DamagedCheckpoint,
                                            IncompatibleRunDir, abstract_like, newest_compatible)
 from hydrahead_jax.train.config_lib import Config
@@ -241,8 +241,7 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
   nothing saved for that step). All but the last are ``hydrahead_jax.cli.UserError``.
   """
   t_start = time.time()
-  if cfg.train.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(cfg.train.distributed)  # HYDRAHEAD_* env vars or JAX's auto-detection
   is_main = jax.process_index() == 0
   workdir = cfg.workdir
   os.makedirs(workdir, exist_ok=True)
@@ -472,6 +471,8 @@ def _check_run_dir(ckpt: Checkpointer, cfg: Config, cfg_dict: Mapping[str, Any]
   latest, changes = newest_compatible(ckpt, cfg_dict)
   if steps and latest is None:
     raise _none_restores(ckpt)
+  if latest is not None:  # not a damaged step: the data item of another process count does not restore
+    distributed.check_process_count(ckpt.step_dir(latest), jax.process_count())
   if latest is None and ckpt.damaged_dirs():
     ckpt.print_fn(f"note: {ckpt.directory} holds only checkpoints set aside as damaged "
                   f"({', '.join(os.path.basename(d) for d in ckpt.damaged_dirs())}); starting from step 0")

@@ -166,7 +166,7 @@ def test_optimizer_freeze_and_decay_masks():
   import jax.numpy as jnp
   import optax
 
-  from hydrahead_jax.model import abstract_model
+  from hydrahead_jax.nn.model import abstract_model
   from hydrahead_jax.train import config_lib, optim
   from hydrahead_jax.train.state import flatten_state, leaf_names
   from flax import nnx

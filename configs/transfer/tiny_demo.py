@@ -13,9 +13,6 @@
    --set stages.long.rope_theta=40000);
 5. the before/after table: held-out MQAR probes (32 tokens, inside the window) and held-out real text (CE inside
    and beyond the teacher's window, KL to the teacher inside it).
-
-The student's Gated DeltaNet runs the 'recurrent' (scan) implementation here: on 2 CPU cores it compiles and runs
-these tiny shapes at least as fast as the chunked one.
 """
 
 import os
@@ -35,8 +32,7 @@ def get_config() -> TransferConfig:
                             compute_dtype="bfloat16"),
       layout=LayoutConfig(policy="global", budget="3:1", lengths=(32,), tasks=("mqar",), per_task=16,
                           methods=("exact",), batch_size=16),
-      convert=ConvertConfig(calib_num=32, calib_length=128, calib_batch=16, heldout_num=16,
-                            student={"la_implementation": "recurrent"}),
+      convert=ConvertConfig(calib_num=32, calib_length=128, calib_batch=16, heldout_num=16),
       corpus=CorpusConfig(max_tokens=400_000, doc_chars=20_000, heldout_docs=8),
       stages=(
           align_stage(steps=100, data=DataConfig(seq_len=128, batch_size=8, seed=1, **SHORT),

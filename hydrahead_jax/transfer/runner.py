@@ -931,13 +931,35 @@ def plot_stages(metrics_path: str, out_png: str, stage_names) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------------
+# On CPU, XLA's concurrency-optimized scheduler deadlocked (0 % CPU, forever; 2 of 2 tries at step 0, 0 of 4 with
+# this flag) in the stage-1 program that runs the teacher's forward and the student's chunked Gated DeltaNet mixers in
+# one jit (jax 0.10.2, 2 cores); the same parts in two jits, or the recurrent GDN, ran.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _gpu_plugin() -> bool:
+  """Whether a CUDA plugin of jaxlib is installed (then the CPU-only flag is left out)."""
+  import importlib.util
+
+  for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
+    try:
+      if importlib.util.find_spec(name) is not None:
+        return True
+    except ImportError:
+      pass
+  return False
+
+
 def main_from_config(cfg: TransferConfig, print_config: bool = False) -> int:
   """``train.py`` / ``python -m hydrahead_jax.transfer``: runs a loaded transfer config (exit code)."""
   if print_config:
     print(tconfig.to_json(cfg))
     return 0
-  if cfg.xla_flags:  # before the first JAX computation creates a backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cfg.xla_flags).strip()
+  flags = cfg.xla_flags
+  if CPU_SCHEDULER_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "") + flags and not _gpu_plugin():
+    flags += " " + CPU_SCHEDULER_FLAG
+  if flags.strip():  # before the first JAX computation creates a backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
   from hydrahead_jax.train.loop import TrainingDiverged
 
   try:

@@ -3,7 +3,9 @@
 import os
 
 # Fake devices for sharding tests; LLVM optimisation off: same numerics, ~2.5x faster CPU compiles.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# The concurrency-optimized CPU scheduler deadlocked a teacher + chunked-GDN program (docs/transfer.md): off.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402

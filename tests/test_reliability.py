@@ -23,30 +23,6 @@ BASE = ["train.progress=false", "train.eval_tasks=", "train.steps=6", "checkpoin
         "checkpoint.keep=3"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent XLA compilation cache shared by this module's processes."""
-  import jax
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  try:  # the cache is set up at the first compile; earlier tests may have done that already
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-  if old is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
-
-
 def _env():
   env = dict(os.environ)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

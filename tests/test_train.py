@@ -19,31 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = os.path.join(ROOT, "configs", "micro.py")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent XLA compilation cache shared by this module's processes."""
-  import jax
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",)}
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  try:  # the cache is set up at the first compile; earlier tests may have done that already
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-  for k, v in old.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-
-
 def _env():
   env = dict(os.environ)
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -24,29 +24,6 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  import jax
-
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  try:
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-  if old is None:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  else:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, cache_dir):
   from hydrahead_jax.config import ModelConfig
   from hydrahead_jax.interop.orbax import save_pretrained

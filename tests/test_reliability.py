@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from run_files import checkpoint_params, logged_losses
 
 import faults
 
@@ -49,20 +50,6 @@ def run(workdir, *overrides, callbacks=()):
 
 def entries(workdir):
   return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-
-
-def params(workdir, step):
-  """Flat params of a checkpoint as numpy (restored without a target)."""
-  import orbax.checkpoint as ocp
-
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return {k: np.asarray(v) for k, v in out["state"]["params"].items()}
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def warnings(lines):
@@ -110,8 +97,8 @@ def test_corrupt_newest_step_falls_back_bitwise(straight, tmp_path):
   moved = os.path.join(workdir, "checkpoints", "6.damaged-1", os.path.relpath(
       bad_file, os.path.join(workdir, "checkpoints", "6")))
   assert open(moved, "rb").read() == damaged_bytes  # kept as it was, not deleted or rewritten
-  assert_params_equal(params(workdir, 6), params(straight, 6))
-  assert losses(workdir) == losses(straight)
+  assert_params_equal(checkpoint_params(workdir, 6), checkpoint_params(straight, 6))
+  assert logged_losses(workdir) == logged_losses(straight)
 
 
 def test_partial_and_unreadable_steps_are_set_aside(straight, tmp_path):
@@ -133,7 +120,7 @@ def test_partial_and_unreadable_steps_are_set_aside(straight, tmp_path):
   assert summary["step"] == 6 and summary["checkpoint"] == 6
   assert entries(workdir) == ["3", "6", "8.damaged-1", "9.damaged-1"]
   assert open(os.path.join(ckpts, "6", "commit_success.txt")).read() == before
-  assert_params_equal(params(workdir, 6), params(straight, 6))
+  assert_params_equal(checkpoint_params(workdir, 6), checkpoint_params(straight, 6))
 
   # set aside again later: the next free name, the earlier one untouched
   faults.partial_step(ckpts, 9, template_step=6)
@@ -188,7 +175,7 @@ def test_failed_final_save_stops_and_keeps_previous(straight, tmp_path):
   assert "\n" not in msg and msg.startswith("checkpoint save at step 6 failed (")
   assert "No space left on device" in msg and "previous checkpoint (step 3) is intact" in msg
   assert entries(workdir) == ["3"]
-  assert_params_equal(params(workdir, 3), params(straight, 3))
+  assert_params_equal(checkpoint_params(workdir, 3), checkpoint_params(straight, 3))
 
 
 def test_failed_save_continue_warns_and_trains_on(straight, tmp_path):
@@ -202,7 +189,7 @@ def test_failed_save_continue_warns_and_trains_on(straight, tmp_path):
   assert warn.startswith("warning: checkpoint save at step 3 failed (") and "continuing" in warn
   assert summary["step"] == 6 and summary["checkpoint"] == 6
   assert entries(workdir) == ["6"]
-  assert_params_equal(params(workdir, 6), params(straight, 6))
+  assert_params_equal(checkpoint_params(workdir, 6), checkpoint_params(straight, 6))
 
 
 # -- data faults ------------------------------------------------------------------------------------

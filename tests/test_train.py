@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from run_files import checkpoint_params, logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = os.path.join(ROOT, "configs", "micro.py")
@@ -32,20 +33,6 @@ def micro(workdir, *overrides):
 
   base = ["train.progress=false", "train.eval_tasks=", "train.steps=6", "checkpoint.every=3"]
   return config_lib.load(MICRO, base + list(overrides), workdir=str(workdir))
-
-
-def _params(workdir, step):
-  """Flat params of a checkpoint as numpy (restored without a target)."""
-  import orbax.checkpoint as ocp
-
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return {k: np.asarray(v) for k, v in out["state"]["params"].items()}
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 # A training process that can be killed from outside: it prints a line after each finished
@@ -221,10 +208,10 @@ def test_resume_after_kill_is_exact(tmp_path, cache_dir):
 
   summary = train(micro(resumed), print_fn=lambda *_: None)
   assert summary["step"] == 6
-  a, b = _losses(straight), _losses(resumed)
+  a, b = logged_losses(straight), logged_losses(resumed)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   assert a == b
-  pa, pb = _params(straight, 6), _params(resumed, 6)
+  pa, pb = checkpoint_params(straight, 6), checkpoint_params(resumed, 6)
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
@@ -250,7 +237,7 @@ def test_sigterm_saves_and_resumes(tmp_path, cache_dir):
   assert len(saved) == 1 and 2 <= saved[0] < 6 and "DONE" in out, out
   summary = train(micro(workdir, "checkpoint.every=100"), print_fn=lambda *_: None)
   assert summary["step"] == 6 and summary["status"] == "complete"
-  assert sorted(_losses(workdir)) == list(range(1, 7))
+  assert sorted(logged_losses(workdir)) == list(range(1, 7))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
@@ -269,7 +256,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
   assert e.value.step == 3 and e.value.last_checkpoint == 2
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [1, 2]
-  for v in _params(str(tmp_path), 2).values():
+  for v in checkpoint_params(str(tmp_path), 2).values():
     assert np.isfinite(v).all()
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert rows[-1]["step"] == 3 and rows[-1]["ok"] == 0

@@ -29,9 +29,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from hydrahead_jax.train import config_lib  # noqa: PLC0415 (fast --help)
+  from hydrahead_jax.transfer.config import load_any  # noqa: PLC0415
 
   try:
-    cfg = config_lib.load(args.config, args.overrides, args.workdir)
+    cfg = load_any(args.config, args.overrides, args.workdir)
   except ValueError as e:  # config errors are ValueErrors naming the key
     raise UserError(str(e)) from e
   if not isinstance(cfg, config_lib.Config):  # a three-stage transfer config (docs/transfer.md)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hydrahead_jax.train import config_lib
+from hydrahead_jax.transfer.config import load_any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -14,7 +14,7 @@ KERNEL_FIELDS = ("fa_implementation", "la_implementation", "conv_implementation"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_loads(path):
-  cfg = config_lib.load(path)
+  cfg = load_any(path)
   model = getattr(cfg, "model", None)
   if model is not None and os.path.basename(path).startswith(("gpu_", "smollm2")):
     pinned = {f: getattr(model, f) for f in KERNEL_FIELDS if getattr(model, f) is not None}

@@ -444,12 +444,8 @@ def load_config_file(path: str) -> Config:
 
 
 def load(path: str, overrides: Sequence[str] = (), workdir: str | None = None) -> Config:
-  """The config of a file with overrides. A file whose ``get_config()`` returns a ``TransferConfig`` (a three-stage
-  transfer, docs/transfer.md) gives that, loaded by ``hydrahead_jax.transfer.config``."""
-  from hydrahead_jax.transfer import config as transfer_config  # noqa: PLC0415 (it imports this module)
-
-  if transfer_config.returns_transfer_config(path):
-    return transfer_config.load(path, overrides, workdir)
+  """The training config of a file with overrides (``train.py`` also takes transfer configs:
+  ``hydrahead_jax.transfer.config.load_any``)."""
   cfg = apply_overrides(load_config_file(path), overrides)
   return cfg.replace(workdir=workdir) if workdir else cfg
 

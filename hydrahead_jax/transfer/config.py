@@ -419,3 +419,11 @@ def long_stage(name: str = "long", **kw) -> StageConfig:
   kw.setdefault("optim", OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.01, trainable=ALL))
   kw.setdefault("ce_weight", 1.0)
   return StageConfig(name=name, kind="long", **kw)
+
+
+def load_any(path: str, overrides: Sequence[str] = (), workdir: str | None = None):
+  """What ``train.py --config`` runs: a ``TransferConfig`` when the file's ``get_config()`` returns one (a
+  three-stage transfer), else the training ``Config`` of ``train.config_lib.load``."""
+  if returns_transfer_config(path):
+    return load(path, overrides, workdir)
+  return config_lib.load(path, overrides, workdir)

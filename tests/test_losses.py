@@ -162,8 +162,10 @@ def test_train_step_chunked_equals_full_logits(rng):
     _close(chunk_m[k], plain_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for k in plain_eval:
     _close(chunk_eval[k], plain_eval[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Adam divides by sqrt(v): for a near-zero gradient the f32 rounding difference of the two losses is amplified
+  # up to ~lr in the update, so parameters are compared to 1e-3 of the learning rate (1e-2) absolutely
   for k in plain_state["params"]:
-    _close(chunk_state["params"][k], plain_state["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _close(chunk_state["params"][k], plain_state["params"][k], rtol=1e-5, atol=1e-5, err_msg=k)
   moved = sum(float(jnp.abs(chunk_state["params"][k] - state["params"][k]).max()) for k in state["params"])
   assert moved > 0
 

@@ -25,9 +25,9 @@ from hydrahead_jax.train.state import merge
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "answer_mask")
 
 
-def _f32(tree):
-  """Norms accumulate in float32 whatever the parameter dtype."""
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+def global_norm(tree) -> jax.Array:
+  """L2 norm of a tree of arrays, accumulated in float32 whatever the parameter dtype."""
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def loss_weights(batch, answer_weight: float) -> jax.Array:
@@ -61,14 +61,9 @@ def stats_from_tokens(ce_BxT, hit_BxT, batch, answer_weight: float = 1.0) -> dic
   }
 
 
-def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+def microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
   """[B, T] -> [n, B/n, T]; microbatch a holds rows a, a+n, ... (keeps data sharding contiguous)."""
-  out = {}
-  for k in BATCH_KEYS:
-    x = batch[k]
-    B = x.shape[0]
-    out[k] = jnp.swapaxes(x.reshape(B // n, n, *x.shape[1:]), 0, 1)
-  return out
+  return {k: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1) for k, x in batch.items()}
 
 
 def token_outputs(model, batch, loss_chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
@@ -105,7 +100,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
   def step(state, batch):
     params = state["params"]
     denom = jnp.maximum(jnp.sum(loss_weights(batch, answer_weight)), 1.0)
-    mbs = _microbatches(batch, grad_accum)
+    mbs = microbatches({k: batch[k] for k in BATCH_KEYS}, grad_accum)
     zeros = jax.tree.map(jnp.zeros_like, params)
     zero_stats = {k: jnp.zeros((), jnp.float32)
                   for k in ("weighted_ce_sum", "ce_sum", "tokens", "answers", "answer_hits")}
@@ -119,8 +114,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     loss = stats["ce_sum"] / jnp.maximum(stats["tokens"], 1.0)
-    grad_norm = optax.global_norm(_f32(grads))
-    param_norm = optax.global_norm(_f32(new_params))
+    grad_norm = global_norm(grads)
+    param_norm = global_norm(new_params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {

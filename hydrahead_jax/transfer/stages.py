@@ -29,7 +29,7 @@ import optax
 
 from hydrahead_jax.train import optim
 from hydrahead_jax.train.state import merge
-from hydrahead_jax.train.step import BATCH_KEYS
+from hydrahead_jax.train.step import BATCH_KEYS, global_norm, microbatches
 from hydrahead_jax.transfer import losses
 from hydrahead_jax.transfer.config import StageConfig, TransferConfigError, phases
 
@@ -83,15 +83,6 @@ def make_optimizer(stage: StageConfig, plan: StagePlan) -> tuple[optax.GradientT
   union_plan = optim.ParamPlan(label={k: optim.TRAIN for k in plan.union}, layer_mask={k: None for k in plan.union},
                                decay={k: plan.decay[k] for k in plan.union})
   return optim.make_optimizer(stage.optim, union_plan, stage.steps)
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
-def microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
-  """[B, T] -> [n, B/n, T]; microbatch a holds rows a, a+n, ... (as the plain train step)."""
-  return {k: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1) for k, x in batch.items()}
 
 
 def _layer_mask(m: np.ndarray | None, x: jax.Array):

@@ -88,10 +88,11 @@ class Context:
 
   @property
   def workdir(self) -> str:
-    return self.cfg.workdir
+    """The run directory, absolute (Orbax refuses relative checkpoint paths; the default workdir is relative)."""
+    return os.path.abspath(self.cfg.workdir)
 
   def path(self, *parts) -> str:
-    return os.path.join(self.cfg.workdir, *parts)
+    return os.path.join(self.workdir, *parts)
 
   def check_signal(self) -> None:
     if self.signals is not None and self.signals.received is not None:

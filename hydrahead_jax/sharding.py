@@ -130,21 +130,27 @@ def per_shard(fn, in_names: Sequence[Sequence[str | None] | None], out_names: Se
     mesh = _active_mesh()
     if mesh is None:
       return fn(*args)
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    def on_shard(*shards):
-      full = list(args)
-      for i, x in zip(present, shards):
-        full[i] = x
-      return fn(*full)
-
     spec = lambda names, x: P() if names is None else fit_pspec(logical_to_pspec(names, mesh), x.shape, mesh)  # noqa: E731
     outs = jax.eval_shape(fn, *args)
-    return jax.shard_map(on_shard, mesh=mesh, in_specs=tuple(spec(in_names[i], args[i]) for i in present),
-                         out_specs=tuple(spec(n, o) for n, o in zip(out_names, outs)),
-                         check_vma=False)(*[args[i] for i in present])
+    return shard_map_skipping_none(fn, mesh, args, [None if a is None else spec(n, a) for n, a in zip(in_names, args)],
+                                   tuple(spec(n, o) for n, o in zip(out_names, outs)))
 
   return wrapped
+
+
+def shard_map_skipping_none(fn, mesh, args, in_specs, out_specs):
+  """``jax.shard_map`` of ``fn(*args)`` over the arguments that are not None (None ones reach ``fn`` as None on every
+  shard); ``in_specs`` has one entry per argument (ignored for None arguments)."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def on_shard(*shards):
+    full = list(args)
+    for i, x in zip(present, shards):
+      full[i] = x
+    return fn(*full)
+
+  return jax.shard_map(on_shard, mesh=mesh, in_specs=tuple(in_specs[i] for i in present), out_specs=out_specs,
+                       check_vma=False)(*[args[i] for i in present])
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hydrahead_jax.ops import gated_delta_rule
-from hydrahead_jax.sharding import fit_pspec, logical_to_pspec
+from hydrahead_jax.sharding import fit_pspec, logical_to_pspec, shard_map_skipping_none
 
 CONTEXT_AXIS = "context"
 f32 = jnp.float32
@@ -76,21 +76,12 @@ def _check_length(T: int, n: int, what: str, min_local: int = 1) -> int:
 def _shard_map(fn, args, in_names, out_names_shapes):
   """``fn`` per shard of the active mesh, specs by logical names; None arguments pass through unsplit."""
   mesh = _mesh()
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def on_shard(*shards):
-    full = list(args)
-    for i, x in zip(present, shards):
-      full[i] = x
-    return fn(*full)
-
-  in_specs = tuple(_spec(in_names[i], args[i].shape, mesh) for i in present)
+  in_specs = [None if a is None else _spec(n, a.shape, mesh) for n, a in zip(in_names, args)]
   out_specs = tuple(_spec(n, s, mesh) for n, s in out_names_shapes)
-  for spec in in_specs[:1]:
+  for spec in [sp for sp in in_specs if sp is not None][:1]:
     if len(spec) < 2 or spec[1] != CONTEXT_AXIS:
       raise ValueError(f"context parallelism: the length axis did not map to '{CONTEXT_AXIS}' ({spec})")
-  return jax.shard_map(on_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*[args[i] for i in present])
+  return shard_map_skipping_none(fn, mesh, args, in_specs, out_specs)
 
 
 def _gather_t(x):

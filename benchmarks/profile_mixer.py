@@ -33,6 +33,7 @@ GROUPS = (  # first match wins
     ("matmul", re.compile(r"gemm|cublas|matmul|sm90_xmma|cutlass|nvjet|dot", re.I)),
     ("pallas gdn", re.compile(r"wy_fwd|wy_bwd|state_fwd|state_bwd|dqk|readout|gdn", re.I)),
     ("pallas fusion", re.compile(r"fusion_norm|head_fusion", re.I)),
+    ("pallas short conv", re.compile(r"short_conv", re.I)),
     ("xla fusion / copy", re.compile(r".")),
 )
 

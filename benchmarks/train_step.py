@@ -3,9 +3,12 @@
 Qwen3-0.6B shape (28 layers, d 1024, 16 q heads / 8 KV groups, head_dim 128, SwiGLU 3072, vocab 151,936, tied),
 bf16 compute, f32 params, AdamW, full remat, B=1; the project's own train step (``train.step.make_train_step``:
 the loss path train.py uses). Per cell: median step time of ``--steps`` steps after warm-up, tokens/s, model FLOP
-utilisation (6 N T + causal FA attention FLOPs, over ``--peak-tflops``), peak device memory, parameters.
+utilisation (6 N T + causal FA attention FLOPs, over ``--peak-tflops``), device memory of the compiled step
+(arguments + XLA's temporary buffer + outputs not aliased to donated inputs: per cell, unlike the process-wide
+runtime peak, which is also reported), parameters.
 
   python benchmarks/train_step.py --out $OUT [--lengths 8192 32768 65536] [--layouts all-FA 7:1 3:1 all-LA]
+  python benchmarks/train_step.py --out $OUT --profile 7:1@8192 7:1@32768   # + device kernel time per group
   python benchmarks/train_step.py --smoke          # tiny shapes on CPU, checks the script runs
 """
 
@@ -78,9 +81,21 @@ def peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def compiled_gib(compiled) -> float | None:
+  """Device memory the compiled step needs: arguments + temporaries + outputs that do not reuse a donated input."""
+  try:
+    ma = compiled.memory_analysis()
+    total = (ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+             - ma.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - a backend without memory analysis: report None
+    return None
+  return total / 2**30
+
+
 def run_cell(cfg: ModelConfig, T: int, steps: int, peak_tflops: float, **step_kw) -> dict:
   state, step, batch, num_params = build(cfg, T, **step_kw)
   t0 = time.perf_counter()
+  step = step.lower(state, batch).compile()
   state, m = step(state, batch)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
@@ -94,8 +109,24 @@ def run_cell(cfg: ModelConfig, T: int, steps: int, peak_tflops: float, **step_kw
   flops = flops_per_step(cfg, num_params, T)
   peak = peak_bytes()
   return {"step_s": sec, "tokens_per_s": T / sec, "mfu": flops / sec / (peak_tflops * 1e12), "params": num_params,
-          "peak_gib": None if peak is None else peak / 2**30, "first_step_s": compile_s,
-          "loss": float(m["loss"])}
+          "compiled_gib": compiled_gib(step), "process_peak_gib": None if peak is None else peak / 2**30,
+          "first_step_s": compile_s, "loss": float(m["loss"])}
+
+
+def profile_cell(cfg: ModelConfig, T: int, steps: int) -> dict:
+  """Device kernel time per group and per kernel of whole training steps (``profile_mixer``'s trace reader)."""
+  from benchmarks.profile_mixer import profile
+
+  state, step, batch, _ = build(cfg, T)
+  held = [state]
+
+  def one_step():
+    held[0], m = step(held[0], batch)
+    return m
+
+  res = profile(one_step, (), steps)
+  res.update(T=T, step_ms_from_kernels=res["kernel_total_ms"])
+  return res
 
 
 def main() -> None:
@@ -108,10 +139,18 @@ def main() -> None:
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                   help="ModelConfig override, e.g. --set la_kv_sharing=group (values parsed as JSON, else str)")
   ap.add_argument("--tag", default="")
+  ap.add_argument("--profile", nargs="*", default=[], metavar="LAYOUT@T",
+                  help="also trace these cells (e.g. 7:1@8192) and sum device kernel time per group")
   ap.add_argument("--smoke", action="store_true")
   args = ap.parse_args()
   if args.smoke:
     args.lengths, args.steps = [64], 2
+  cells = []
+  for item in args.profile:
+    layout, _, t = item.partition("@")
+    if layout not in LAYOUTS or not t.isdigit():
+      ap.error(f"--profile: {item!r} is not LAYOUT@T with LAYOUT in {', '.join(LAYOUTS)} (e.g. 7:1@8192)")
+    cells.append((layout, int(t)))
   overrides = {}
   for item in args.overrides:
     k, _, v = item.partition("=")
@@ -135,6 +174,16 @@ def main() -> None:
     if "tokens_per_s" in fa and "tokens_per_s" in hy:
       row["7:1 / all-FA"] = hy["tokens_per_s"] / fa["tokens_per_s"]
     res["rows"].append(row)
+  res["profiles"] = []
+  for layout, T in cells:
+    try:
+      prof = profile_cell(model_config(args.smoke, layout, **overrides), T, max(2, args.steps // 2))
+    except Exception as e:  # noqa: BLE001 - no profiler on this backend: say so, keep the table
+      prof = {"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    prof["layout"] = layout
+    jax.clear_caches()
+    print(json.dumps({k: v for k, v in prof.items() if not k.startswith("top_")}), flush=True)
+    res["profiles"].append(prof)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"train_step{args.tag}.json"), "w") as fh:
     json.dump(res, fh, indent=1)

@@ -20,7 +20,8 @@ def _trace(rng):
   ]
   kernels = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop": "cudnn attention",
              "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_TNT": "matmul", "gdn_dqk": "pallas gdn",
-             "fusion_norm_bwd": "pallas fusion", "loop_add_fusion": "xla fusion / copy"}
+             "fusion_norm_bwd": "pallas fusion", "short_conv_bwd_du": "pallas short conv",
+             "loop_add_fusion": "xla fusion / copy"}
   durs = {name: float(rng.uniform(10, 1000)) for name in kernels}
   events = [{"ph": "X", "pid": 1, "tid": 10, "name": n, "dur": d, "ts": 0} for n, d in durs.items()]
   events += [{"ph": "X", "pid": 1, "tid": 11, "name": "fusion.1", "dur": 5.0, "ts": 0},
@@ -47,3 +48,24 @@ def test_bench_mixer_smoke(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["T"] for r in rows] == [128, 256]
   assert rows[0]["7:1 (1 FA group) fwd+bwd"] > 0 and rows[0]["all-FA fwd+bwd"] > 0
+
+
+def _smoke(script: str, *args: str, timeout: int = 300) -> None:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", *args], check=True, env=env,
+                 cwd=ROOT, capture_output=True, timeout=timeout)
+
+
+def test_train_step_smoke_reports_compiled_memory_and_profile(tmp_path):
+  _smoke("train_step.py", "--out", str(tmp_path), "--layouts", "7:1", "--profile", "7:1@64")
+  res = json.loads((tmp_path / "train_step.json").read_text())
+  cell = res["rows"][0]["7:1"]
+  assert cell["tokens_per_s"] > 0 and cell["compiled_gib"] > 0 and cell["params"] > 0
+  (prof,) = res["profiles"]
+  assert prof["layout"] == "7:1" and prof["T"] == 64 and "error" not in prof  # CPU: no device lanes, no failure
+
+
+def test_cached_decoding_smoke_agrees_with_uncached(tmp_path):
+  _smoke("bench_cached_decoding.py", "--out", str(tmp_path))
+  res = json.loads((tmp_path / "cached_decoding.json").read_text())
+  assert res["greedy_agreement"] == "8/8" and res["cached_s"] > 0 and res["uncached_s"] > 0

@@ -103,6 +103,12 @@ class Study:
       self._teacher = (model, tok)
     return self._teacher
 
+  def scores_path(self) -> str:
+    return self.cfg.scores or self.path("shared", "selection", "head_scores.json")
+
+  def has_scores(self) -> bool:
+    return os.path.isfile(self.scores_path())
+
   def scores(self) -> dict:
     """The head scores the layouts are made from: ``StudyConfig.scores``, else one selection analysis of the
     teacher (the recipe's layout section; every score method an arm asks for), cached in the workroot."""
@@ -110,7 +116,7 @@ class Study:
       return self._scores
     from hydrahead_jax.selection import report
 
-    path = self.cfg.scores or self.path("shared", "selection", "head_scores.json")
+    path = self.scores_path()
     if not os.path.isfile(path):
       from hydrahead_jax.selection.analysis import AnalysisConfig, analyze
       from hydrahead_jax.selection.probes import make_probes

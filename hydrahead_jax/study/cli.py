@@ -87,7 +87,12 @@ def _list(cfg, study) -> None:
 
   for a in cfg.arms:
     path = result_path(study.out_dir, a.id)
-    layout = "all FA" if a.layout is None else study.layout(a)[1]["describe"]
+    if a.layout is None:
+      layout = "all FA"
+    elif a.layout.needs_scores() and not study.has_scores():
+      layout = f"{a.layout.policy} {a.layout.budget} by {a.layout.score} (scores not computed yet)"
+    else:
+      layout = study.layout(a)[1]["describe"]
     print(f"{a.id:>4}  {a.name:<44} {a.role:<16} {layout:<44} "
           f"{'done: ' + path if os.path.isfile(path) else 'missing'}")
 

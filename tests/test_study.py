@@ -3,7 +3,6 @@ stage of two steps each), resume, import of an existing run, the report with mis
 synthetic results, one-line errors. In-process (``cli.main``), sharing compiled programs through a persistent
 compilation cache."""
 
-import copy
 import json
 import os
 import textwrap
@@ -232,6 +231,10 @@ def test_verdict_claim1():
   other = _with()
   other[-2]["transfer"]["tokens_per_stage"] = {"s": 999}
   assert "budgets differ" in _judge(other).claim1().why
+  other = _with()
+  other[1]["eval"]["settings"] = {"seed": 1}
+  c = _judge(other).claim3()
+  assert c.verdict == "inconclusive" and "different inputs" in c.why and "seed" in c.why
 
 
 def test_verdict_claim2():
@@ -240,8 +243,9 @@ def test_verdict_claim2():
   assert _judge(_with()).claim2().verdict == "not reproduced"  # chosen = random
   mixed = _judge(_with(a2={**hi, 16384: 0.5})).claim2()
   assert mixed.verdict == "inconclusive" and "mixed" in mixed.why
-  # one random seed is enough; none is not
-  assert _judge([r for r in _with(a2={**hi, 16384: 0.5}, a3=hi) if r["arm"] != "4b"]).claim2().verdict == "reproduced"
+  # one random seed is enough (and said); none is not
+  one = _judge([r for r in _with(a2={**hi, 16384: 0.5}, a3=hi) if r["arm"] != "4b"]).claim2()
+  assert one.verdict == "reproduced" and "random arm 4b missing" in one.why
   assert _judge([r for r in _with() if r["arm"] not in ("4", "4b")]).claim2().verdict == "inconclusive"
 
 
@@ -282,10 +286,12 @@ def test_shipped_configs():
   arm2 = smol.arm("2")
   recipe = tconfig.load(smol.transfer)
   mine = study.transfer_cfg(arm2, arm2.layout.file)
-  assert mine.replace(workdir=recipe.workdir) == recipe and mine.workdir == os.path.abspath(recipe.workdir)
+  assert mine.replace(workdir=recipe.workdir, corpus=recipe.corpus) == recipe
+  assert mine.workdir == os.path.join(ROOT, recipe.workdir) and mine.corpus.out == os.path.join(mine.workdir, "corpus")
   half = Study(smol.replace(budget="half"), print_fn=lambda *_: None).base
   assert [s.steps for s in half.stages] == [s.steps // 2 for s in recipe.stages]
   eight = study.transfer_cfg(smol.arm("8"), arm2.layout.file)
-  assert eight.convert.fusion == "none" and eight.replace(convert=recipe.convert, workdir=recipe.workdir) == recipe
+  assert eight.convert.fusion == "none"
+  assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus) == recipe
   nine = study.transfer_cfg(smol.arm("9"), arm2.layout.file)
   assert nine.convert.student == {**recipe.convert.student, "la_sharing": "kv"}

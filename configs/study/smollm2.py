@@ -5,8 +5,9 @@ is (align 4.2M + distil 4.2M + long 1.6M tokens, ~15 min on one H200 by its docs
   python -m hydrahead_jax.study --config configs/study/smollm2.py --arms 1,2 --report     # on the GPU machine
   python -m hydrahead_jax.study --config configs/study/smollm2.py --report                # merge what exists
 
-Arm 2 IS the recipe run (workdir runs/smollm2_7to1, the recipe's own): a finished `python train.py --config
-configs/transfer/smollm2_7to1.py` counts as its transfer, or import it with `... import --arm 2`. Layouts: the
+Arm 2 IS the recipe run (workdir runs/smollm2_7to1, the recipe's own, and its corpus is every arm's): a finished
+`python train.py --config configs/transfer/smollm2_7to1.py` (run from the repository root) counts as its transfer,
+or import it with `... import --arm 2`. Layouts: the
 committed selection outputs of docs/selection/ where they exist, else derived from docs/selection/head_scores.json
 by the selection policies into docs/results/layouts/arm<id>.json. Budgets (every arm alike; --budget): 'recipe'
 (default) and 'half' (half the steps of each stage, for short GPU stretches). See docs/study.md.
@@ -18,6 +19,7 @@ from hydrahead_jax.study.config import ArmConfig, LayoutSpec, StudyConfig, Study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEL = os.path.join(ROOT, "docs", "selection")
+RECIPE_RUN = os.path.join(ROOT, "runs", "smollm2_7to1")  # the recipe's own workdir (run from the repository root)
 
 
 def _sel(policy: str) -> LayoutSpec:
@@ -28,7 +30,7 @@ def get_config() -> StudyConfig:
   arms = (
       ArmConfig("1", "teacher (SmolLM2-135M, 8K window)", role="teacher", kind="teacher"),
       ArmConfig("2", "head-level 7:1, exact patching", role="head_exact", layout=_sel("global"),
-                workdir="runs/smollm2_7to1", note="the configs/transfer/smollm2_7to1.py run itself"),
+                workdir=RECIPE_RUN, note="the configs/transfer/smollm2_7to1.py run itself"),
       ArmConfig("3", "head-level 7:1, retrieval score", role="head_retrieval",
                 layout=LayoutSpec(policy="global", budget="7:1", score="retrieval")),
       ArmConfig("4", "head-level 7:1, random (seed 0)", role="random", layout=_sel("random")),
@@ -47,8 +49,10 @@ def get_config() -> StudyConfig:
           "(24, ('*',)))", "stages.long.steps=24")
   return StudyConfig(
       name="smollm2", transfer=os.path.join(ROOT, "configs", "transfer", "smollm2_7to1.py"), arms=arms,
+      # one corpus for every arm: the recipe run's (built once, < 1 min of CPU; arm 2's records stay the recipe's)
+      transfer_overrides=(f"corpus.out={os.path.join(RECIPE_RUN, 'corpus')}",),
       budgets={"recipe": (), "half": half}, budget="recipe", minutes_per_arm=25.0,
-      scores=os.path.join(SEL, "head_scores.json"),
+      scores=os.path.join(SEL, "head_scores.json"), teacher_window=8192,
       eval=StudyEval(lengths=(1024, 2048, 4096, 8192, 16384, 32768), examples=32, seed=0, chat="auto", ppl_docs=2,
                      batch_size=4, chunk_size=1024, max_new_tokens=64, proxy_length=1024, proxy_docs=16,
                      proxy_batch=2),

@@ -36,7 +36,7 @@ def get_config() -> StudyConfig:
   )
   return StudyConfig(
       name="tiny", transfer=os.path.join(HERE, "tiny_transfer.py"), arms=arms,
-      budgets={"demo": ()}, budget="demo", minutes_per_arm=1.0,
+      budgets={"demo": ()}, budget="demo", minutes_per_arm=1.0, teacher_window=42,
       eval=StudyEval(tasks=("mqar", "ppl"), retrieval_tasks=("mqar",), lengths=(32, 128), examples=16, seed=0,
                      chat="off", ppl_docs=2, batch_size=16, chunk_size=32, max_new_tokens=8, proxy_length=64,
                      proxy_docs=4, proxy_batch=4),

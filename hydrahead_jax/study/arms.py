@@ -185,12 +185,14 @@ class Study:
   def workdir(self, arm: ArmConfig) -> str:
     return os.path.abspath(arm.workdir) if arm.workdir else self.path(f"arm{arm.id}")
 
-  def transfer_cfg(self, arm: ArmConfig, layout_file: str):
+  def transfer_cfg(self, arm: ArmConfig, layout_file: str, resolve_teacher: bool = True):
+    """The arm's transfer config: the recipe with its layout, fusion, student fields and overrides (and the shared
+    teacher in place of ``teacher.source='train'`` when ``resolve_teacher``: that trains it on first use)."""
     from hydrahead_jax.transfer import config as tconfig
 
     b = self.base
     teacher = b.teacher
-    if teacher.source == "train":
+    if teacher.source == "train" and resolve_teacher:
       teacher = dataclasses.replace(teacher, source=self.teacher_source(), train_config=None, train_overrides=())
     convert = dataclasses.replace(b.convert, fusion=arm.fusion or b.convert.fusion,
                                   student={**b.convert.student, **arm.student})
@@ -384,7 +386,8 @@ def import_arm(study: Study, arm: ArmConfig, eval_path: str, summary_path: str |
     result["layout"] = {**info, "fa_groups": [list(x) for x in layout.fa_groups]}
     cfg = scfg
     result["transfer"] = transfer_block(summary)
-    expected = {s.name: s.steps * s.tokens_per_step for s in study.transfer_cfg(arm, info["file"]).stages}
+    expected = {s.name: s.steps * s.tokens_per_step
+                for s in study.transfer_cfg(arm, info["file"], resolve_teacher=False).stages}
     if result["transfer"]["tokens_per_stage"] != expected:
       result["budget_note"] = (f"imported run's tokens per stage {result['transfer']['tokens_per_stage']} differ "
                                f"from the study budget {study.cfg.budget!r} ({expected})")

@@ -48,7 +48,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                      f"{PROG} import --help)")
   _common(p)
   p.add_argument("--arms", default=None, help="arm ids to run: '2,4', '1-9' or 'all'")
-  p.add_argument("--list", action="store_true", help="list the arms, their layouts (derived ones are written to <out-dir>/layouts/) and whether each has a result")
+  p.add_argument("--list", action="store_true",
+                 help="list the arms, their layouts (derived ones are written to <out-dir>/layouts/) and results")
   return p
 
 

@@ -142,9 +142,9 @@ def write_report(cfg: StudyConfig, out_dir: str, report_path: str) -> tuple[str,
   for c in claims:
     lines.append(f"{c.number}. **{c.text}: {c.verdict.upper()}.** {c.why}")
   lines += ["", f"Retrieval accuracy = mean generation accuracy over {', '.join(tasks)} (RULER string match); "
-                f"inside the window = lengths <= {window}. Thresholds: equivalence margin {t.margin:g} (claim 1), "
-                f"minimum gain {t.min_gain:g} (claims 2-4), floor {t.floor:g}, intervals +-{t.z:g} SE "
-                "(docs/study.md).", ""]
+                f"inside the window = lengths <= {window or '(unknown)'}. Thresholds: equivalence margin "
+                f"{t.margin:g} (claim 1), minimum gain {t.min_gain:g} (claims 2-4), floor {t.floor:g}, "
+                f"intervals +-{t.z:g} SE (docs/study.md).", ""]
   missing = [a for a in cfg.arms if a.id not in results]
   if missing:
     lines += ["## Missing arms", ""]
@@ -172,9 +172,9 @@ def write_report(cfg: StudyConfig, out_dir: str, report_path: str) -> tuple[str,
                  _num(sbe.mean if sbe else None)] + [_num(acc.get(L), ".2f") for L in all_lengths]
                 + [_num(p.get("top1_agreement")), _num(p.get("kl"), ".4f"), "/".join(map(str, ns)), r["source"]])
   lines += _table(head, rows)
-  lines += ["", "Cache B/token: FA K/V bytes per token and sequence (`generation.cache_bytes`); LA state is fixed-size. "
-                f"Top-1 agree / KL: short-context proxy vs the teacher on {cfg.eval.proxy_docs} held-out documents of "
-                f"{cfg.eval.proxy_length} tokens ('-': not measured, e.g. an imported arm).", ""]
+  lines += ["", "Cache B/token: FA K/V bytes per token and sequence (`generation.cache_bytes`); LA state is "
+                f"fixed-size. Top-1 agree / KL: short-context proxy vs the teacher on {cfg.eval.proxy_docs} "
+                f"held-out documents of {cfg.eval.proxy_length} tokens ('-': not measured, e.g. an imported arm).", ""]
   for png, title in zip(pngs, ("Retrieval accuracy vs length", "Retrieval accuracy, arm x length")):
     if png:
       lines += [f"![{title}]({os.path.relpath(png, rd)})", ""]

@@ -103,6 +103,19 @@ def _label(results: Sequence[dict]) -> str:
   return " + ".join(f"arm {r['arm']}" for r in results)
 
 
+COMPARABLE = ("seed", "chat", "corpus", "max_new_tokens")  # evaluation settings that must match (same inputs)
+
+
+def _settings_differ(results: Sequence[dict]) -> str | None:
+  """Evaluation settings that differ between arms (other inputs); a different example count is allowed."""
+  bad = []
+  for key in COMPARABLE:
+    vals = {r["arm"]: r.get("eval", {}).get("settings", {}).get(key) for r in results}
+    if len({str(v) for v in vals.values()}) > 1:
+      bad.append(f"{key}: " + ", ".join(f"arm {a} {v!r}" for a, v in vals.items()))
+  return "; ".join(bad) or None
+
+
 def _budget_differs(results: Sequence[dict]) -> str | None:
   budgets = {r["arm"]: (r.get("transfer") or {}).get("tokens_per_stage") for r in results if r["kind"] == "student"}
   if len({str(sorted(b.items())) if b else None for b in budgets.values()}) > 1:
@@ -162,6 +175,8 @@ class Judge:
 
   def superiority(self, number: int, a: Sequence[dict], b: Sequence[dict], beyond: bool = False,
                   use_floor: bool = True) -> Claim:
+    if (why := _settings_differ(list(a) + list(b))):
+      return Claim(number, INCONCLUSIVE, f"evaluated on different inputs ({why})")
     got = self._compare(a, b, beyond)
     if isinstance(got, str):
       return Claim(number, INCONCLUSIVE, got)
@@ -187,6 +202,8 @@ class Judge:
     a, b = self.arms("head_exact")[0], self.arms("layerwise_3to1")[0]
     if (why := _budget_differs(a + b)):
       return Claim(1, INCONCLUSIVE, f"training budgets differ ({why})")
+    if (why := _settings_differ(a + b)):
+      return Claim(1, INCONCLUSIVE, f"evaluated on different inputs ({why})")
     got = self._compare(a, b)
     if isinstance(got, str):
       return Claim(1, INCONCLUSIVE, got)
@@ -220,6 +237,9 @@ class Judge:
     why = " | ".join(f"{role}: {c.verdict}: {c.why}" for role, c in zip(("exact patching", "retrieval score"), parts))
     if verdict == INCONCLUSIVE and len({c.verdict for c in parts}) > 1:
       why = "mixed outcomes | " + why
+    absent = self.arms("random")[1]
+    if absent:
+      why += f" (random arm {', '.join(absent)} missing: {len(rnd)} random layout(s) pooled)"
     return Claim(2, verdict, why, {"exact": parts[0].numbers, "retrieval": parts[1].numbers})
 
   def claim3(self) -> Claim:

@@ -128,6 +128,17 @@ def test_rerun_skips_done_and_evaluation_resumes(ran, capsys):
   assert again["eval"]["cells"] == json.loads(before["2"])["eval"]["cells"]
 
 
+def test_interrupted_transfer_exits_3(setup, capsys, monkeypatch):
+  """A transfer stopped by SIGTERM (status 'interrupted'): no result, exit code 3, 'rerun' (the runner resumes)."""
+  from hydrahead_jax.transfer import runner
+
+  monkeypatch.setattr(runner, "run", lambda cfg, print_fn=print: {"status": "interrupted"})
+  rc, _, err = _main(["--config", str(setup / "study.py"), "--arms", "6"], capsys)
+  assert rc == 3 and "arm 6: transfer interrupted" in err and "rerun the same command" in err
+  assert not os.path.exists(setup / "out" / "arm6.json")
+  assert json.load(open(setup / "runs" / "arm6" / "study_time.json"))["transfer_s"] >= 0
+
+
 def _eval_results(d, summary):
   """A results.json as ``python -m hydrahead_jax.eval`` writes it, from the study's own cells of arm 2."""
   r2 = _result(d, "2")

@@ -49,15 +49,17 @@ def _plt():
 
 def plot_lines(results, cfg: StudyConfig, window, path: str) -> str | None:
   tasks = cfg.eval.retrieval_tasks
-  series = {a.id: (a.name, _acc_by_length(results[a.id], tasks)) for a in cfg.arms if a.id in results}
+  series = {a.id: (a, _acc_by_length(results[a.id], tasks)) for a in cfg.arms if a.id in results}
   series = {k: v for k, v in series.items() if v[1]}
   if not series:
     return None
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7.5, 4.2))
-  for arm_id, (name, acc) in series.items():
+  for arm_id, (arm, acc) in series.items():
     xs = sorted(acc)
-    ax.plot(xs, [acc[x] for x in xs], marker="o", label=f"{arm_id}: {name}", lw=2 if arm_id == "1" else 1.3)
+    teacher = arm.role == "teacher"
+    ax.plot(xs, [acc[x] for x in xs], marker="o", label=f"{arm_id}: {arm.name}", lw=2.2 if teacher else 1.3,
+            color="k" if teacher else None, ls="--" if arm.role == "random" else "-")
   if window:
     ax.axvline(window, color="k", ls="--", lw=0.8, alpha=0.6)
     ax.text(window, 1.02, " teacher window", fontsize=8, va="bottom")

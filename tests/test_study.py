@@ -306,3 +306,20 @@ def test_shipped_configs():
   assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus) == recipe
   nine = study.transfer_cfg(smol.arm("9"), arm2.layout.file)
   assert nine.convert.student == {**recipe.convert.student, "la_sharing": "kv"}
+
+
+def test_check_shipped_configs_preflight(tmp_path, capsys):
+  """--check: the transfer's preflight on every arm (arm 8's recipe patterns must fit a model without fusion)."""
+  rc, out, err = _main(["--config", os.path.join(ROOT, "configs", "study", "tiny.py"), "--arms", "all", "--check",
+                        "--workroot", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")], capsys)
+  assert rc == 0, err
+  assert out.count(": ok;") == 8 and "arm 7 (all LA): ok; 0 FA / 4 LA groups" in out
+  from hydrahead_jax.interop.load import resolve
+
+  try:
+    resolve("smollm2")
+  except Exception:  # noqa: BLE001 - the packaged GGUF is optional
+    pytest.skip("the smollm2 GGUF is not installed")
+  rc, out, err = _main(["--config", os.path.join(ROOT, "configs", "study", "smollm2.py"), "--arms", "8", "--check",
+                        "--out-dir", str(tmp_path / "out2")], capsys)
+  assert rc == 0 and "arm 8 (arm 2 with fusion='none'): ok; 11 FA / 79 LA groups" in out, err

@@ -25,6 +25,9 @@ RECIPE_RUN = os.path.join(ROOT, "runs", "smollm2_7to1")  # the recipe's own work
 def _sel(policy: str) -> LayoutSpec:
   return LayoutSpec(file=os.path.join(SEL, f"smollm2_layout_{policy}_7to1.json"))
 
+# fusion='none' has no fusion scales: stage 1 trains the LA parameters only (the recipe's other patterns, unchanged)
+NO_FUSION_ALIGN = ("stages.align.optim.trainable=('*.mixer.la.*',)",)
+
 
 def get_config() -> StudyConfig:
   arms = (
@@ -41,7 +44,8 @@ def get_config() -> StudyConfig:
       ArmConfig("6", "layer-wise 3:1 (evenly spaced)", role="layerwise_3to1",
                 layout=LayoutSpec(policy="layerwise_even", budget="3:1")),
       ArmConfig("7", "all LA (pure Gated DeltaNet)", role="all_la", layout=LayoutSpec(policy="all_la")),
-      ArmConfig("8", "arm 2 with fusion='none'", role="no_fusion", fusion="none", layout=_sel("global")),
+      ArmConfig("8", "arm 2 with fusion='none'", role="no_fusion", fusion="none", overrides=NO_FUSION_ALIGN,
+                layout=_sel("global")),
       ArmConfig("9", "arm 2 with LA k/v shared per KV group", role="kv_sharing", student={"la_sharing": "kv"},
                 layout=_sel("global")),
   )

@@ -14,6 +14,9 @@ from hydrahead_jax.study.config import ArmConfig, LayoutSpec, StudyConfig, Study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# fusion='none' has no fusion scales: stage 1 trains the LA parameters only (the recipe's other patterns, unchanged)
+NO_FUSION_ALIGN = ("stages.align.optim.trainable=('*.mixer.la.*',)",)
+
 
 def get_config() -> StudyConfig:
   head = "7:1"
@@ -29,7 +32,7 @@ def get_config() -> StudyConfig:
                 layout=LayoutSpec(policy="layerwise_score", budget=head, score="exact")),
       ArmConfig("6", "layer-wise 3:1", role="layerwise_3to1", layout=LayoutSpec(policy="layerwise_even", budget="3:1")),
       ArmConfig("7", "all LA", role="all_la", layout=LayoutSpec(policy="all_la")),
-      ArmConfig("8", "arm 2, fusion none", role="no_fusion", fusion="none",
+      ArmConfig("8", "arm 2, fusion none", role="no_fusion", fusion="none", overrides=NO_FUSION_ALIGN,
                 layout=LayoutSpec(policy="global", budget=head, score="exact")),
       ArmConfig("9", "arm 2, LA k/v shared per group", role="kv_sharing", student={"la_sharing": "kv"},
                 layout=LayoutSpec(policy="global", budget=head, score="exact")),

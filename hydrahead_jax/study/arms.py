@@ -231,6 +231,23 @@ class Study:
     return path
 
 
+def check_arm(study: Study, arm: ArmConfig) -> str:
+  """The transfer's preflight on the arm's config (teacher, layout, patterns, lengths, data; no weights, no
+  computation): one line describing the arm, or the preflight's one-line error."""
+  if arm.kind == "teacher":
+    return f"arm {arm.id} ({arm.name}): the teacher, evaluation only"
+  from hydrahead_jax.transfer.preflight import preflight
+
+  if arm.layout.needs_scores() and not study.has_scores():  # checked for any layout (patterns must fit one)
+    file, what = None, f"{arm.layout.policy} layout from head scores not computed yet"
+  else:
+    layout, info, file = study.layout(arm)
+    what = info["describe"]
+  pre = preflight(study.transfer_cfg(arm, file, resolve_teacher=False))
+  tokens = ", ".join(f"{s.name} {s.steps * s.tokens_per_step:,}" for s in pre.cfg.stages)
+  return f"arm {arm.id} ({arm.name}): ok; {what}; tokens {tokens}"
+
+
 # -- run one arm -----------------------------------------------------------------------------------
 def _ledger(workdir: str, key: str, seconds: float) -> float:
   """Adds ``seconds`` to the arm's time ledger (across commands / GPU stretches); returns the total."""

@@ -48,6 +48,9 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                      f"{PROG} import --help)")
   _common(p)
   p.add_argument("--arms", default=None, help="arm ids to run: '2,4', '1-9' or 'all'")
+  p.add_argument("--check", action="store_true", help="only run the transfer's preflight on every arm of --arms "
+                                                      "(no weights, no computation: catches config errors before "
+                                                      "GPU time)")
   p.add_argument("--list", action="store_true",
                  help="list the arms, their layouts (derived ones are written to <out-dir>/layouts/) and results")
   return p
@@ -111,10 +114,14 @@ def main(argv=None) -> int:
     arms_lib.import_arm(study, cfg.arm(args.arm), args.eval, args.transfer_summary, args.model, args.force)
   else:
     todo = parse_arms(args.arms, cfg)
-    if not (todo or args.report or args.list):
-      raise UserError("nothing to do: give --arms (e.g. --arms 2,4 or all), --report or --list")
+    if not (todo or args.report or args.list) or (args.check and not todo):
+      raise UserError("nothing to do: give --arms (e.g. --arms 2,4 or all; --check needs them), --report or --list")
     if args.list:
       _list(cfg, study)
+    if args.check:
+      for arm in todo:
+        print(arms_lib.check_arm(study, arm))
+      todo = []
     try:
       for arm in todo:
         arms_lib.run_arm(study, arm)

@@ -3,6 +3,7 @@ stage of two steps each), resume, import of an existing run, the report with mis
 synthetic results, one-line errors. In-process (``cli.main``), sharing compiled programs through a persistent
 compilation cache."""
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -302,8 +303,11 @@ def test_shipped_configs():
   half = Study(smol.replace(budget="half"), print_fn=lambda *_: None).base
   assert [s.steps for s in half.stages] == [s.steps // 2 for s in recipe.stages]
   eight = study.transfer_cfg(smol.arm("8"), arm2.layout.file)
-  assert eight.convert.fusion == "none"
-  assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus) == recipe
+  assert eight.convert.fusion == "none" and eight.stage("align").optim.trainable == ("*.mixer.la.*",)
+  assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus,
+                       stages=recipe.stages) == recipe
+  assert [dataclasses.replace(s, optim=None) for s in eight.stages] == [dataclasses.replace(s, optim=None)
+                                                                       for s in recipe.stages]
   nine = study.transfer_cfg(smol.arm("9"), arm2.layout.file)
   assert nine.convert.student == {**recipe.convert.student, "la_sharing": "kv"}
 

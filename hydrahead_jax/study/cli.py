@@ -18,10 +18,13 @@ import sys
 from hydrahead_jax.cli import ArgumentParser, UserError, cli_main
 
 PROG = "python -m hydrahead_jax.study"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                              "study", "smollm2.py")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", required=True, help="a study config file (get_config() -> StudyConfig)")
+  p.add_argument("--config", default=DEFAULT_CONFIG,
+                 help="a study config file (get_config() -> StudyConfig); default: configs/study/smollm2.py")
   p.add_argument("--out-dir", default=None, help="where arm results go (default: the config's out_dir)")
   p.add_argument("--report-file", default=None,
                  help="the report (default: the config's report; <out-dir>/results.md with --out-dir)")

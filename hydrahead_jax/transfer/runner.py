@@ -152,9 +152,17 @@ def run(cfg: TransferConfig, callbacks: Iterable[Callback] = (), print_fn: Calla
 # -- teacher, layout, conversion, corpus -------------------------------------------------------------
 def _train_teacher(ctx: Context) -> str:
   """teacher.source='train': trains (or resumes) the teacher with the train.py loop; returns its model dir."""
+  return train_teacher(ctx.cfg.teacher, ctx.workdir, ctx.print_fn)
+
+
+def train_teacher(t: tconfig.TeacherConfig, workdir: str, print_fn: Callable[[str], None] = print) -> str:
+  """Trains (or resumes; cached once done) the teacher of ``t.train_config`` in ``<workdir>/teacher_run`` with the
+  train.py loop; returns its model dir ``<workdir>/teacher``. Also used by ``hydrahead_jax.study`` (one teacher for
+  every arm)."""
   from hydrahead_jax.interop.orbax import MANIFEST
 
-  model_dir = ctx.path("teacher")
+  workdir = os.path.abspath(workdir)
+  model_dir = os.path.join(workdir, "teacher")
   if os.path.isfile(os.path.join(model_dir, MANIFEST)):
     return model_dir
   import orbax.checkpoint as ocp
@@ -166,11 +174,10 @@ def _train_teacher(ctx: Context) -> str:
   from hydrahead_jax.train.loop import train
   from hydrahead_jax.train.state import merge
 
-  t = ctx.cfg.teacher
-  run_dir = ctx.path("teacher_run")
+  run_dir = os.path.join(workdir, "teacher_run")
   tcfg = config_lib.load(t.train_config, t.train_overrides, workdir=run_dir)
-  ctx.print_fn(f"teacher: training {t.train_config} in {run_dir} (train.py machinery; cached once done)")
-  summary = train(tcfg, print_fn=ctx.print_fn)
+  print_fn(f"teacher: training {t.train_config} in {run_dir} (train.py machinery; cached once done)")
+  summary = train(tcfg, print_fn=print_fn)
   if summary["status"] != "complete":
     raise TransferInterrupted("teacher training was interrupted")
   with ocp.CheckpointManager(os.path.join(run_dir, "checkpoints")) as m:
@@ -730,16 +737,21 @@ def _gpu_plugin() -> bool:
   return False
 
 
+def apply_xla_flags(flags: str) -> None:
+  """Appends ``flags`` (and, without a GPU plugin, the CPU scheduler work-around) to XLA_FLAGS; call it before the
+  first JAX computation creates a backend."""
+  if CPU_SCHEDULER_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "") + flags and not _gpu_plugin():
+    flags += " " + CPU_SCHEDULER_FLAG
+  if flags.strip():
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
 def main_from_config(cfg: TransferConfig, print_config: bool = False) -> int:
   """``train.py`` / ``python -m hydrahead_jax.transfer``: runs a loaded transfer config (exit code)."""
   if print_config:
     print(tconfig.to_json(cfg))
     return 0
-  flags = cfg.xla_flags
-  if CPU_SCHEDULER_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", "") + flags and not _gpu_plugin():
-    flags += " " + CPU_SCHEDULER_FLAG
-  if flags.strip():  # before the first JAX computation creates a backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+  apply_xla_flags(cfg.xla_flags)
   from hydrahead_jax.train.loop import TrainingDiverged
 
   try:

@@ -1,0 +1,5 @@
+import sys
+
+from hydrahead_jax.study.cli import main
+
+sys.exit(main())

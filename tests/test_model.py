@@ -212,6 +212,42 @@ def test_kernels_run_per_shard(rng, monkeypatch):
   np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=2e-4, atol=2e-4)
 
 
+def test_cudnn_path_skips_the_mask_only_for_one_document_rows(rng, monkeypatch):
+  """cuDNN takes a segment mask as a dense T x T bias: with every row one document it runs without it (a run-time
+  branch), with packed documents the mask still isolates them. XLA attention stands in for cuDNN on the CPU and
+  records whether the executed branch passed a mask."""
+  from hydrahead_jax.nn import attention as attention_mod
+  from hydrahead_jax.nn.layers import rope_angles
+
+  real_attention = jax.nn.dot_product_attention
+  monkeypatch.setattr(attention_mod, "attention_implementation", lambda *a: "cudnn")
+  calls = []
+
+  def fake(q, k, v, *a, implementation, mask=None, **kw):
+    jax.debug.callback(lambda: calls.append(mask is not None))  # runs only in the branch taken
+    return real_attention(q, k, v, *a, mask=mask, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+  cfg = ModelConfig(**{**BASE, "layout": HeadLayout.all_fa(1, G), "num_layers": 1})
+  fa = attention_mod.FullAttention(cfg, G, rngs=nnx.Rngs(0))
+  B, T = 2, 12
+  x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
+  cos_sin = rope_angles(jnp.arange(T, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
+  run = nnx.jit(lambda fa, x, seg: fa(x, cos_sin, seg))
+  one = jnp.asarray([[3] * T, [5] * T], jnp.int32)  # one document per row (different ids per row)
+  packed = jnp.asarray([[1] * 5 + [2] * 7, [4] * T], jnp.int32)
+  calls.clear()
+  np.testing.assert_allclose(np.asarray(run(fa, x, one)), np.asarray(run(fa, x, None)), rtol=1e-5, atol=1e-6)
+  assert calls == [False, False], calls  # the one-document call took the mask-free branch (then the None call)
+  calls.clear()
+  out = np.asarray(run(fa, x, packed))
+  assert calls == [True], calls
+  mixed = np.asarray(run(fa, x, one))
+  np.testing.assert_allclose(out[1], mixed[1], rtol=1e-5, atol=1e-6)  # row 1 is one document either way
+  np.testing.assert_allclose(out[0, :5], mixed[0, :5], rtol=1e-5, atol=1e-6)  # causal: the first document
+  assert float(np.abs(out[0, 5:] - mixed[0, 5:]).max()) > 1e-4  # the second document does not see the first
+
+
 @pytest.mark.parametrize(
     "kw, field",
     [

@@ -73,23 +73,25 @@ class FullAttention(nnx.Module):
     if context_size() > 1:  # the sequence is split over the 'context' mesh axis (parallel/context.py)
       return constrain(context_attention(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, segment_ids_BxT, scale=scale,
                                          implementation=impl), HEADS_NAMES)
-    mask = None if segment_ids_BxT is None else segment_mask(segment_ids_BxT)
     attend = lambda q, k, v, m: (jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=m, is_causal=True, scale=scale, implementation=impl),)
     if impl == "cudnn":
       # Per batch-row shard. jax's cuDNN attention partitioner failed on 2 H100s (jax 0.11.2: "'GSPMDSharding'
       # object has no attribute 'spec'", as in jax-ml/jax#21584); inside shard_map it is not consulted.
       attend = per_shard(attend, (SHARD_B,) * 4, (SHARD_B,))
-    if impl == "cudnn" and mask is not None:
+    args = (q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK)
+    if segment_ids_BxT is None:
+      (o_BxTxHfxK,) = attend(*args, None)
+    elif impl == "cudnn":
       # cuDNN takes a mask as a dense [B, 1, T, T] bias: O(T^2) memory and a slower kernel (all-FA training at
       # 8K-64K ran 1.5-2x slower on an H200 with segment ids of one document than without). When every row
-      # holds one document (long-context rows, benchmarks) the mask changes nothing: skip it at run time.
+      # holds one document (long-context rows, benchmarks) the mask changes nothing: skip it at run time (the
+      # mask is built inside its branch only).
       one_doc = jnp.all(segment_ids_BxT == segment_ids_BxT[:, :1])
-      args = (q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK)
-      (o_BxTxHfxK,) = jax.lax.cond(one_doc, lambda q, k, v: attend(q, k, v, None),
-                                   lambda q, k, v: attend(q, k, v, mask), *args)
+      (o_BxTxHfxK,) = jax.lax.cond(one_doc, lambda q, k, v, s: attend(q, k, v, None),
+                                   lambda q, k, v, s: attend(q, k, v, segment_mask(s)), *args, segment_ids_BxT)
     else:
-      (o_BxTxHfxK,) = attend(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, mask)
+      (o_BxTxHfxK,) = attend(*args, segment_mask(segment_ids_BxT))
     return constrain(o_BxTxHfxK, HEADS_NAMES)
 
   def attend_cached(self, q, k, v, *, cos_sin, cache_k, cache_v, length, start_B, valid_BxT):

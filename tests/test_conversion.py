@@ -80,3 +80,28 @@ def test_la_sharing_modes(rng):
   np.testing.assert_allclose(outs["kv"], outs["none"], atol=1e-5)
   np.testing.assert_allclose(outs["kv_gates"], outs["none"], atol=1e-5)
   assert params["kv_gates"] < params["kv"] < params["none"]
+
+
+def test_non_finite_calibration_is_one_error_and_leaves_the_student_untouched(rng, monkeypatch):
+  """A kernel that returns NaN head outputs (as the old GDN inverse did on a GPU) must stop the conversion with one
+  line naming the layers, before any scale is written (the run directory then has no converted model)."""
+  import pytest
+
+  from hydrahead_jax.transfer import calibrate
+
+  teacher = HydraHeadLM(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  scfg = student_config(CFG, HeadLayout(((2,), (0, 3), ())))
+  student = model_from_flat(scfg, convert_flat(model_to_flat(teacher), scfg))
+  before = {k: np.asarray(v) for k, v in model_to_flat(student).items()}
+  real = calibrate.student_fused_ms
+
+  def nan_in_layer_1(student, batches, plan, **kw):
+    ms, t_ms = real(student, batches, plan, **kw)
+    return [m * np.nan if p[0] == 1 else m for m, p in zip(ms, plan)], t_ms
+
+  monkeypatch.setattr(calibrate, "student_fused_ms", nan_in_layer_1)
+  batches = [np.asarray(rng.integers(0, 64, (2, 16)), np.int32)]
+  with pytest.raises(FloatingPointError, match=r"non-finite scales in layers \[1\]"):
+    calibrate.calibrate_fusion(student, teacher, batches)
+  after = model_to_flat(student)
+  assert all(np.array_equal(before[k], np.asarray(after[k])) for k in before)

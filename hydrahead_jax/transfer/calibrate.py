@@ -208,6 +208,12 @@ def calibrate_fusion(student, teacher, batches: Sequence[np.ndarray], *, inputs:
       target = t_rms[l, t_heads]
       ratios.append(before / np.sqrt(np.mean(target ** 2, axis=-1)))
       flat[key] = (target / np.sqrt(np.maximum(u_ms, 1e-30))).astype(flat[key].dtype)
+    bad = [l for (l, _, _, _, name, _) in plan if not np.isfinite(flat[f"layers.{l}.mixer.fusion.{name}"]).all()]
+    if bad:
+      raise FloatingPointError(
+          f"fusion calibration: non-finite scales in layers {bad} (the student's or the teacher's head outputs on "
+          f"the calibration text are not finite); nothing was saved. Check the LA kernel on this device, e.g. "
+          f"convert with la_implementation='chunked'")
     load_flat_into(student, flat)
     history.append(float(np.max(np.abs(np.log(np.concatenate(ratios))))) if ratios else 0.0)
   return {"inputs": inputs, "passes": passes, "max_abs_log_rms_ratio_before_each_pass": history,

@@ -756,7 +756,7 @@ def main_from_config(cfg: TransferConfig, print_config: bool = False) -> int:
 
   try:
     run(cfg)
-  except TrainingDiverged as e:
+  except (TrainingDiverged, FloatingPointError) as e:  # diverged stage; non-finite conversion (nothing saved)
     print(f"error: {e}", file=sys.stderr)
     return 3
   return 0

@@ -127,6 +127,9 @@ class ModelConfig:
   # scale-normalized fusion
   fusion: str = "scale_norm"
   fa_implementation: str | None = None  # None = auto: 'cudnn' on GPU with bf16/fp16, else 'xla'
+  # How the cuDNN path attends rows packed with several documents: 'pallas' (segment-aware Pallas flash attention,
+  # no T x T tensor) | 'mask' (cuDNN with a dense T x T segment mask); None = 'pallas' for T >= 128, else 'mask'.
+  fa_packed_implementation: str | None = None
   # Gated DeltaNet heads
   la_conv_size: int = 4
   la_output_gate: bool = True
@@ -169,6 +172,9 @@ class ModelConfig:
       raise ValueError(f"model.remat: unknown policy {self.remat!r}; choose one of {REMAT_POLICIES}")
     if self.fa_implementation not in (None, "xla", "cudnn"):
       raise ValueError(f"model.fa_implementation: {self.fa_implementation!r}; choose None (auto), 'xla' or 'cudnn'")
+    if self.fa_packed_implementation not in (None, "pallas", "mask"):
+      raise ValueError(f"model.fa_packed_implementation: {self.fa_packed_implementation!r}; choose None (auto), "
+                       "'pallas' or 'mask'")
     for name in ("conv_implementation", "fusion_implementation"):
       if getattr(self, name) not in (None, "xla", "pallas"):
         raise ValueError(f"model.{name}: {getattr(self, name)!r}; choose None (auto), 'xla' or 'pallas'")

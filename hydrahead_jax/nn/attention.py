@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
@@ -16,6 +17,11 @@ from hydrahead_jax.parallel.context import context_attention, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 
 SHARD_B = ("batch", None, None, None)  # batch rows only (heads whole)
+SEGMENTS_B = ("batch", None)
+# Pallas flash attention (jax.experimental.pallas.ops.gpu.attention.mha) for packed rows: its authors' default
+# tiles (forward 128 x 128, backward 32 x 32); the length is padded at the end to a multiple of PACKED_ALIGN.
+PACKED_BLOCKS = pallas_attention.BlockSizes.get_default()
+PACKED_ALIGN = 128
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -29,6 +35,38 @@ def attention_implementation(requested: str | None, dtype) -> str:
     return requested
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def packed_implementation(requested: str | None, T: int) -> str:
+  """How the cuDNN path attends rows that hold several documents: 'pallas' (segment-aware flash attention, no
+  T x T tensor) for T >= PACKED_ALIGN, else 'mask' (cuDNN with the dense segment mask; small at such T)."""
+  if requested is not None:
+    return requested
+  return "pallas" if T >= PACKED_ALIGN else "mask"
+
+
+def pallas_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float,
+                            interpret: bool | None = None):
+  """Causal attention within documents (equal segment ids) by jax's Pallas flash attention: never a T x T tensor.
+
+  GQA: the kernel has none, so each KV group is repeated for its query heads (group-major, as the weights are;
+  its backward sums the copies' gradients). The length is padded at the end to a multiple of PACKED_ALIGN, which
+  causality makes exact (no real query sees a padded key; padded queries are sliced off, so their cotangents are
+  zero and add nothing to dk, dv). Triton on GPU, the Pallas interpreter elsewhere (``interpret`` None; tests).
+  Runs on whole arrays: call it per shard under a mesh (a Pallas call has no SPMD partitioner).
+  """
+  B, T, H, K = q_BxTxHxK.shape
+  r = H // k_BxTxGxK.shape[2]
+  k_BxTxHxK, v_BxTxHxK = (jnp.repeat(x, r, axis=2) for x in (k_BxTxGxK, v_BxTxGxK))
+  pad = -T % PACKED_ALIGN
+  if pad:
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                       for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
+    segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), mode="edge")
+  o_BxTxHxK = pallas_attention.mha(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids_BxT.astype(jnp.int32),
+                                   sm_scale=scale, causal=True, block_sizes=PACKED_BLOCKS,
+                                   interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+  return o_BxTxHxK[:, :T]
 
 
 def cached_key_block(T: int) -> int:
@@ -84,12 +122,18 @@ class FullAttention(nnx.Module):
       (o_BxTxHfxK,) = attend(*args, None)
     elif impl == "cudnn":
       # cuDNN takes a mask as a dense [B, 1, T, T] bias: O(T^2) memory and a slower kernel (all-FA training at
-      # 8K-64K ran 1.5-2x slower on an H200 with segment ids of one document than without). When every row
-      # holds one document (long-context rows, benchmarks) the mask changes nothing: skip it at run time (the
-      # mask is built inside its branch only).
+      # 8K-64K ran 1.5-2x slower on an H200 with segment ids of one document than without; a 7:1 hybrid at 256K
+      # asked for 222 GiB). When every row holds one document (long-context rows, benchmarks) the mask changes
+      # nothing: skip it at run time. Packed rows take segment-aware Pallas flash attention (no T x T tensor),
+      # or the dense mask for short T (``packed_implementation``); the mask is built inside its branch only.
+      if packed_implementation(self.cfg.fa_packed_implementation, q_BxTxHfxK.shape[1]) == "pallas":
+        packed = per_shard(lambda q, k, v, s: (pallas_packed_attention(q, k, v, s, scale=scale),),
+                           (SHARD_B,) * 3 + (SEGMENTS_B,), (SHARD_B,))
+      else:
+        packed = lambda q, k, v, s: attend(q, k, v, segment_mask(s))  # noqa: E731
       one_doc = jnp.all(segment_ids_BxT == segment_ids_BxT[:, :1])
-      (o_BxTxHfxK,) = jax.lax.cond(one_doc, lambda q, k, v, s: attend(q, k, v, None),
-                                   lambda q, k, v, s: attend(q, k, v, segment_mask(s)), *args, segment_ids_BxT)
+      (o_BxTxHfxK,) = jax.lax.cond(one_doc, lambda q, k, v, s: attend(q, k, v, None), packed, *args,
+                                   segment_ids_BxT)
     else:
       (o_BxTxHfxK,) = attend(*args, segment_mask(segment_ids_BxT))
     return constrain(o_BxTxHfxK, HEADS_NAMES)

@@ -43,9 +43,16 @@ start)
   gb=$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)
   share=$([ "$ngpu" -ge 2 ] && echo 0.9 || echo 0.45)
   echo "GGUF ok; $ngpu GPU(s): chain A on 0, chain B on $gb"
+  # Gate: the Pallas packed-document attention (untested on a GPU before 2026-11-30) must compile and match; if
+  # not, teacher and student attend packed rows through cuDNN with the dense mask (slower, O(T^2) memory).
+  packed=""
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/check_packed_attention.py --out "$EV/bench" --T 8192 32768 \
+    > "$EV/A0_packed_attention.log" 2>&1 \
+    || packed='--set teacher.model_overrides={\"fa_packed_implementation\":\"mask\"}'  # unescaped by bash -c
+  tail -n 2 "$EV/A0_packed_attention.log"; echo "transfer extra args: ${packed:-none}"
   evalcmd="python3 -m hydrahead_jax.eval --tasks $TASKS --lengths $LENGTHS --seed 0 --max-new-tokens 48"
   setsid nohup env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=$share bash -c "
-    python3 train.py --config configs/transfer/smollm2_7to1.py --workdir $W --set progress=false \
+    python3 train.py --config configs/transfer/smollm2_7to1.py --workdir $W --set progress=false $packed \
       > $EV/A1_transfer.log 2>&1; echo \$? > $EV/transfer.done
     $evalcmd --examples $EXAMPLES --model $W/stages/long/model --out $EV/eval_student > $EV/A2_eval_student.log 2>&1
     python3 benchmarks/bench_generation.py --out $EV/bench --lengths 8192 32768 131072 --reps 2 \

@@ -69,3 +69,9 @@ def test_cached_decoding_smoke_agrees_with_uncached(tmp_path):
   _smoke("bench_cached_decoding.py", "--out", str(tmp_path))
   res = json.loads((tmp_path / "cached_decoding.json").read_text())
   assert res["greedy_agreement"] == "8/8" and res["cached_s"] > 0 and res["uncached_s"] > 0
+
+
+def test_packed_attention_check_smoke(tmp_path):
+  _smoke("check_packed_attention.py", "--out", str(tmp_path))
+  res = json.loads((tmp_path / "packed_attention.json").read_text())
+  assert res["pallas_packed_ok"] and max(res["rows"][0]["pallas_packed"]["rel_err"].values()) < 1e-4

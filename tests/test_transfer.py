@@ -268,6 +268,8 @@ def test_bad_configs_fail_in_one_line_before_compute(tmp_path, teacher_dir):
                                                                                    max_doc_len=129)),)
                           + base.stages[1:])
   assert "window" in fails(too_long, "stages.align.data.seq_len")
+  shape_override = base.replace(teacher=dataclasses.replace(base.teacher, model_overrides={"d_model": 8}))
+  assert "parameter shapes" in fails(shape_override, "teacher.model_overrides")
   prepared = tmp_path / "small_data"
   from hydrahead_jax.data.prepare import prepare
 

@@ -56,6 +56,9 @@ class TeacherConfig:
   compute_dtype: str | None = None  # default: dtype
   tokenizer: str | None = None  # a tokenizer.json overriding the source's
   window: int | None = None  # the teacher's trained context; None: the model config's max_position
+  # Kernel choices of the teacher's model config (fields of interop.load.RESTORE_OVERRIDES, e.g.
+  # {"fa_packed_implementation": "mask"}); the converted student inherits them (convert.student overrides).
+  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

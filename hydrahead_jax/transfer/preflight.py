@@ -70,7 +70,16 @@ def teacher_config(cfg: TransferConfig) -> ModelConfig:
       raise _err("teacher.source", f"{t.source!r}: {e}") from None
   if any(mcfg.num_fa_groups(i) != mcfg.num_kv_heads for i in range(mcfg.num_layers)):
     raise _err("teacher.source", f"{t.source!r} is a hybrid model; the teacher must be all full attention")
-  return mcfg
+  from hydrahead_jax.interop.load import RESTORE_OVERRIDES
+
+  bad = sorted(set(t.model_overrides) - set(RESTORE_OVERRIDES))
+  if bad:
+    raise _err("teacher.model_overrides", f"cannot set {bad} on the teacher (its parameter shapes are fixed); "
+                                          f"allowed: {', '.join(RESTORE_OVERRIDES)}")
+  try:
+    return mcfg.replace(**dict(t.model_overrides))
+  except ValueError as e:
+    raise _err("teacher.model_overrides", str(e)) from None
 
 
 def student_cfg(cfg: TransferConfig, tcfg: ModelConfig, layout: HeadLayout) -> ModelConfig:

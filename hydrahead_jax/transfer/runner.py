@@ -226,7 +226,7 @@ def _prepare_teacher(ctx: Context) -> None:
   t0 = time.time()
   compute = t.compute_dtype or t.dtype
   tcfg, model, tok = load(source, dtype="float32", compute_dtype=compute, tokenizer=t.tokenizer or True,
-                          progress=ctx.cfg.progress)
+                          progress=ctx.cfg.progress, **dict(t.model_overrides))
   ctx.teacher_f32 = model
   ctx.tokenizer = tok
   ctx.tokenizer_path = _save_tokenizer(ctx, tok)

@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
-# The SmolLM2 evidence run of issues 11, 12 and 13 in one GPU hold (nvidia-h200-x2, or one H200), three calls:
+# The SmolLM2 evidence run of issues 11 and 16 in one GPU hold (nvidia-h200-x2, or one H200), three calls:
 #
 #   bash benchmarks/gpu_evidence.sh setup     # carry .whl + .carry/g1: wheels into /tmp/site, GGUF part 1 kept
 #   bash benchmarks/gpu_evidence.sh start     # carry .carry/g2: GGUF assembled + checked, two job chains started
 #   bash benchmarks/gpu_evidence.sh collect   # waits for the chains (up to WAIT_S), packs $OUT/evidence.tgz
 #
-# Chain A (GPU 0): the three-stage transfer (configs/transfer/smollm2_7to1.py), then the eval suite on the
-# student, then the generation-efficiency table. Chain B (GPU 1; GPU 0 too on a one-GPU machine): the eval suite
-# on the teacher and on the converted student, cached vs uncached decoding on the teacher, then the whole-model
-# train-step table with its profile (on one GPU only after chain A's transfer, so the timings are not shared).
-# The chains run in their own sessions (setsid), so they outlive a call while the machine is held. Results and
+# After a gate (the Pallas packed-document attention must compile and match on the GPU, else the runs use the
+# dense-mask path), chain A (GPU 0) runs study arm 2 (the recipe's transfer + the eval suite; issue 11's student)
+# and the converted student's needle scores; chain B (GPU 1; after chain A on a one-GPU machine) runs study arm 4
+# (random FA groups, same budget). The chains run in their own sessions (setsid), so they outlive a call while
+# the machine is held. Results and
 # logs go to $EV (/root/ev); `collect` packs the small files (no checkpoints) into one tarball under $OUT.
 set -u
 EV=${EV:-/root/ev}
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYDRAHEAD_SMOLLM2_GGUF=/root/g/smollm2.gguf
-TASKS=niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,mqar,ppl
 LENGTHS=1K,2K,4K,8K,16K,32K
-EXAMPLES=${EXAMPLES:-16}
-W=$EV/w
 
 status() {
   for f in "$EV"/*.done; do [ -e "$f" ] && echo "done: $(basename "$f")"; done
@@ -50,27 +47,20 @@ start)
     > "$EV/A0_packed_attention.log" 2>&1 \
     || packed='--set teacher.model_overrides={\"fa_packed_implementation\":\"mask\"}'  # unescaped by bash -c
   tail -n 2 "$EV/A0_packed_attention.log"; echo "transfer extra args: ${packed:-none}"
-  evalcmd="python3 -m hydrahead_jax.eval --tasks $TASKS --lengths $LENGTHS --seed 0 --max-new-tokens 48"
+  # Chain A (GPU 0): study arm 2 = the recipe's three-stage transfer (runs/smollm2_7to1) + the suite on the student,
+  # then the untrained converted student on the two needle tasks. Chain B (GPU 1): study arm 4 (random FA groups,
+  # same budget), started once arm 2 has built the shared corpus. The teacher (arm 1) was evaluated on 2026-11-30.
+  study="python3 -m hydrahead_jax.study --config configs/study/smollm2.py"
   setsid nohup env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=$share bash -c "
-    python3 train.py --config configs/transfer/smollm2_7to1.py --workdir $W --set progress=false $packed \
-      > $EV/A1_transfer.log 2>&1; echo \$? > $EV/transfer.done
-    $evalcmd --examples $EXAMPLES --model $W/stages/long/model --out $EV/eval_student > $EV/A2_eval_student.log 2>&1
-    python3 benchmarks/bench_generation.py --out $EV/bench --lengths 8192 32768 131072 --reps 2 \
-      > $EV/A3_bench_generation.log 2>&1
+    $study --arms 2 $packed > $EV/A1_arm2.log 2>&1; echo \$? > $EV/arm2.done
+    python3 -m hydrahead_jax.eval --model runs/smollm2_7to1/converted --tasks niah_single,niah_multikey \
+      --lengths $LENGTHS --examples 8 --seed 0 --max-new-tokens 48 --out $EV/eval_converted \
+      > $EV/A2_eval_converted.log 2>&1
     touch $EV/A.done" > /dev/null 2>&1 < /dev/null &
   setsid nohup env CUDA_VISIBLE_DEVICES=$gb XLA_PYTHON_CLIENT_MEM_FRACTION=$share bash -c "
-    $evalcmd --examples $EXAMPLES --model smollm2 --out $EV/eval_teacher > $EV/B1_eval_teacher.log 2>&1
-    while [ ! -d $W/stages ] && [ ! -e $EV/transfer.done ]; do sleep 5; done
-    $evalcmd --examples 8 --model $W/converted --out $EV/eval_converted > $EV/B2_eval_converted.log 2>&1
-    python3 benchmarks/bench_cached_decoding.py --model smollm2 --length 4096 --new 32 --out $EV/bench \
-      > $EV/B3_cached_decoding.log 2>&1
-    if [ $ngpu -lt 2 ]; then while [ ! -e $EV/transfer.done ]; do sleep 5; done; fi
-    python3 benchmarks/train_step.py --out $EV/bench --lengths 8192 32768 --profile 7:1@8192 7:1@32768 all-FA@8192 \
-      > $EV/B4_train_step.log 2>&1
-    python3 benchmarks/train_step.py --out $EV/bench --lengths 8192 32768 --layouts 7:1 --set la_sharing=kv \
-      --tag _kv > $EV/B5_train_step_kv.log 2>&1
-    python3 benchmarks/train_step.py --out $EV/bench --lengths 65536 --layouts all-FA 7:1 --tag _64k \
-      > $EV/B6_train_step_64k.log 2>&1
+    while [ ! -e runs/smollm2_7to1/corpus/manifest.json ] && [ ! -e $EV/arm2.done ]; do sleep 5; done
+    if [ $ngpu -lt 2 ]; then while [ ! -e $EV/arm2.done ]; do sleep 5; done; fi
+    $study --arms 4 $packed > $EV/B1_arm4.log 2>&1; echo \$? > $EV/arm4.done
     touch $EV/B.done" > /dev/null 2>&1 < /dev/null &
   sleep "${WAIT_S:-500}"
   status
@@ -80,9 +70,12 @@ collect)
   while [ $SECONDS -lt $end ] && { [ ! -e "$EV/A.done" ] || [ ! -e "$EV/B.done" ]; }; do sleep 10; done
   status
   mkdir -p "$OUT"
-  (cd "$EV" && find . -path ./w/corpus -prune -o -path ./w/teacher_run -prune -o -type f \
+  mkdir -p "$EV/results" && cp -r docs/results/arm*.json docs/results/layouts "$EV/results/" 2>/dev/null
+  (cd runs/smollm2_7to1 2>/dev/null && find . -maxdepth 2 -type f \( -name 'summary.json' -o -name 'results.txt' \
+      -o -name 'metrics.jsonl' -o -name 'loss.png' -o -path './eval/*.json' -o -name 'layout.json' \) \
+      -exec cp --parents {} "$EV/results/" \; )
+  (cd "$EV" && find . -path ./w -prune -o -type f \
       \( -name '*.json' -o -name '*.jsonl' -o -name '*.txt' -o -name '*.png' -o -name '*.log' \) -size -4M -print \
-      | grep -v -e '/model/' -e '/checkpoints/' -e '/converted/' -e '/tokenizer/' \
       | tar czf "$OUT/evidence.tgz" -T -)
   ls -la "$OUT"
   ;;

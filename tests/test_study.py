@@ -292,7 +292,9 @@ def test_shipped_configs():
   roles = {a.role for a in smol.arms}
   assert {"teacher", "head_exact", "head_retrieval", "random", "layerwise_budget", "layerwise_3to1", "all_la",
           "no_fusion", "kv_sharing"} <= roles and {a.role for a in tiny.arms} == roles
-  assert smol.eval.examples >= 32 and smol.eval.lengths == (1024, 2048, 4096, 8192, 16384, 32768)
+  # the teacher's H200 run (arm 1) used 16 examples and 48 new tokens: every arm must match it
+  assert smol.eval.examples == 16 and smol.eval.max_new_tokens == 48
+  assert smol.eval.lengths == (1024, 2048, 4096, 8192, 16384, 32768)
   # arm 2 is the recipe run itself (its workdir and config), so the lead's transfer run counts as its transfer
   study = Study(smol, print_fn=lambda *_: None)
   arm2 = smol.arm("2")

@@ -39,7 +39,6 @@ def run_cell(T: int, layout: str, cp: int, steps: int, smoke: bool, loss_chunk: 
 
   from benchmarks.train_step import flops_per_step, model_config
   from hydrahead_jax.nn.model import create_model
-  from hydrahead_jax.parallel.context import per_token_shards
   from hydrahead_jax.train import optim, step as step_lib
   from hydrahead_jax.train.config_lib import OptimConfig
   from hydrahead_jax.train.state import flatten_state, leaf_names
@@ -49,10 +48,7 @@ def run_cell(T: int, layout: str, cp: int, steps: int, smoke: bool, loss_chunk: 
     raise ValueError(f"--cp {cp}: only {len(jax.devices())} devices")
   cfg = model_config(smoke, layout, **overrides)
   mesh = jax.make_mesh((cp,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-  if cp > 1 and hasattr(step_lib, "chunked_cross_entropy"):
-    # The chunked CE slices T dynamically; XLA cannot split that over 'context' (it would gather the hidden states
-    # and compute every token's loss on every device). Run it on each device's own tokens.
-    step_lib.chunked_cross_entropy = per_token_shards(step_lib.chunked_cross_entropy)
+  # The step's chunked CE already runs on each device's own tokens (train.step.token_outputs: per_token_shards).
   with jax.set_mesh(mesh):
     model = create_model(cfg, seed=0, mesh=mesh)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)

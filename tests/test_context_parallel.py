@@ -176,6 +176,27 @@ def test_per_token_loss_on_local_tokens(rng):
   assert "all-gather" not in hlo
 
 
+def test_per_token_shards_nested(rng):
+  """per_token_shards inside a shard_map over 'context' (here: wrapped twice, as benchmarks/train_cp.py once did on
+  top of the train step's own wrapping) runs the loss on the local tokens as they are. Splitting them again lowered
+  the chunked CE's loop with the local [B, T/2, D] hidden states carried where the body expects [B, T/4, D] (MLIR
+  verifier error on 2 x H200 at T = 512K); the mixers refuse such a second split."""
+  from hydrahead_jax.losses import chunked_cross_entropy
+  h = jnp.asarray(rng.normal(size=(1, T, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 16, (1, T)), jnp.int32)
+  fn = lambda f: jax.jit(jax.value_and_grad(lambda h, w: f(h, w, t, chunk=4)[0].sum(), argnums=(0, 1)))  # noqa
+  ref = chunked_cross_entropy(h, w, t, chunk=4), fn(chunked_cross_entropy)(h, w)
+  nested = per_token_shards(per_token_shards(chunked_cross_entropy))
+  with jax.set_mesh(mesh("cp2")):
+    close((jax.jit(lambda h, w: nested(h, w, t, chunk=4))(h, w), fn(nested)(h, w)), ref, 1e-5)
+    x = jnp.zeros((1, T, 1, 4))
+    shard = jax.shard_map(lambda x: context_gated_delta_rule(x, x, x, x[..., 0], x[..., 0]),
+                          in_specs=P(None, "context"), out_specs=P(None, "context"))
+    with pytest.raises(ValueError, match="already inside a shard_map over 'context'"):
+      jax.eval_shape(shard, x)
+
+
 def test_make_mesh_context_axis():
   """train.context_parallel adds the 'context' axis; batch arrays split rows over data and positions over it."""
   from hydrahead_jax.train import config_lib

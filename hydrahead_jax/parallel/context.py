@@ -54,6 +54,15 @@ def _mesh():
   return None if mesh is None or mesh.empty else mesh
 
 
+def context_is_manual(mesh=None) -> bool:
+  """Whether the 'context' axis of ``mesh`` (default: the active mesh) is already manual: inside a ``shard_map`` over
+  it, where arrays hold each device's own tokens."""
+  mesh = mesh if mesh is not None else _mesh()
+  if mesh is None:
+    return False
+  return dict(zip(mesh.axis_names, mesh.axis_types)).get(CONTEXT_AXIS) == jax.sharding.AxisType.Manual
+
+
 def context_size(mesh=None) -> int:
   """Size of the 'context' axis of ``mesh`` (default: the active mesh); 1 without one."""
   mesh = mesh if mesh is not None else _mesh()
@@ -76,6 +85,8 @@ def _check_length(T: int, n: int, what: str, min_local: int = 1) -> int:
 def _shard_map(fn, args, in_names, out_names_shapes):
   """``fn`` per shard of the active mesh, specs by logical names; None arguments pass through unsplit."""
   mesh = _mesh()
+  if context_is_manual(mesh):  # a second split of local tokens: shard_map would lower a mis-shaped program
+    raise ValueError(f"context parallelism: already inside a shard_map over '{CONTEXT_AXIS}' (arrays are per shard)")
   in_specs = [None if a is None else _spec(n, a.shape, mesh) for n, a in zip(in_names, args)]
   out_specs = tuple(_spec(n, s, mesh) for n, s in out_names_shapes)
   for spec in [sp for sp in in_specs if sp is not None][:1]:
@@ -220,12 +231,17 @@ def _gdn_local(q, k, v, g, beta, seg, *, n: int, chunk_size: int, implementation
 def per_token_shards(fn):
   """``fn(hidden [B, T, D], w, targets [B, T], **kw) -> tuple of [B, T] arrays`` (e.g.
   ``losses.chunked_cross_entropy``), run on each device's batch rows x tokens when the active mesh has a 'context'
-  axis > 1 (w whole on every device; its gradient summed over the shards by shard_map's transpose); else fn."""
+  axis > 1 (w whole on every device; its gradient summed over the shards by shard_map's transpose); else fn.
+
+  Inside a shard_map over 'context' (e.g. ``per_token_shards(per_token_shards(fn))``) the arrays already hold the
+  device's own tokens and fn runs on them as they are: splitting them again would make shard_map lower a program
+  whose loop carries the local [B, T/n, D] hidden states where its body expects [B, T/n^2, D] (an MLIR verifier
+  error at lowering; silently wrong shapes where no loop checks them)."""
 
   @functools.wraps(fn)
   def wrapped(hidden_BxTxD, w, targets_BxT, **kw):
     n = context_size()
-    if n == 1:
+    if n == 1 or context_is_manual():
       return fn(hidden_BxTxD, w, targets_BxT, **kw)
     _check_length(hidden_BxTxD.shape[1], n, getattr(fn, "__name__", "per_token_shards"))
     outs = jax.eval_shape(lambda h, w, t: tuple(fn(h, w, t, **kw)), hidden_BxTxD, w, targets_BxT)

@@ -114,6 +114,13 @@ def test_attention_matches_unsharded(rng, monkeypatch, implementation):
     close(fn(q, k, v, None), ref_unpacked)
   if implementation == "cudnn":  # branch c: queries zero-padded to (c+1) T/n, causal
     assert {(8, True, "cudnn"), (16, True, "cudnn"), (32, True, "cudnn")} <= set(calls), calls
+    # packed rows through jax's Pallas flash attention with segment ids (interpret mode here; no T x T mask)
+    fn_pallas = value_and_grads(lambda q, k, v, s: context_attention(
+        q, k, v, s, scale=0.3, implementation="cudnn", packed_implementation="pallas"), (0, 1, 2))
+    with jax.set_mesh(mesh("cp4")):
+      close(fn_pallas(q, k, v, SEG), ref)
+      one_doc = jnp.zeros_like(SEG)  # one document per row: the mask-free branch
+      close(fn_pallas(q, k, v, one_doc), ref_unpacked)
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "pallas"])

@@ -9,24 +9,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
-from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
+from hydrahead_jax.ops.packed_attention import (PACKED_ALIGN, PACKED_BLOCKS, packed_implementation,  # noqa: F401
+                                                 pallas_packed_attention, segment_mask)
 from hydrahead_jax.parallel.context import context_attention, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 
 SHARD_B = ("batch", None, None, None)  # batch rows only (heads whole)
 SEGMENTS_B = ("batch", None)
-# Pallas flash attention (jax.experimental.pallas.ops.gpu.attention.mha) for packed rows: its authors' default
-# tiles (forward 128 x 128, backward 32 x 32); the length is padded at the end to a multiple of PACKED_ALIGN.
-PACKED_BLOCKS = pallas_attention.BlockSizes.get_default()
-PACKED_ALIGN = 128
-
-
-def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-  """[B, 1, T, T] boolean: query and key belong to the same document."""
-  return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
 
 
 def attention_implementation(requested: str | None, dtype) -> str:
@@ -35,38 +27,6 @@ def attention_implementation(requested: str | None, dtype) -> str:
     return requested
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-
-
-def packed_implementation(requested: str | None, T: int) -> str:
-  """How the cuDNN path attends rows that hold several documents: 'pallas' (segment-aware flash attention, no
-  T x T tensor) for T >= PACKED_ALIGN, else 'mask' (cuDNN with the dense segment mask; small at such T)."""
-  if requested is not None:
-    return requested
-  return "pallas" if T >= PACKED_ALIGN else "mask"
-
-
-def pallas_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float,
-                            interpret: bool | None = None):
-  """Causal attention within documents (equal segment ids) by jax's Pallas flash attention: never a T x T tensor.
-
-  GQA: the kernel has none, so each KV group is repeated for its query heads (group-major, as the weights are;
-  its backward sums the copies' gradients). The length is padded at the end to a multiple of PACKED_ALIGN, which
-  causality makes exact (no real query sees a padded key; padded queries are sliced off, so their cotangents are
-  zero and add nothing to dk, dv). Triton on GPU, the Pallas interpreter elsewhere (``interpret`` None; tests).
-  Runs on whole arrays: call it per shard under a mesh (a Pallas call has no SPMD partitioner).
-  """
-  B, T, H, K = q_BxTxHxK.shape
-  r = H // k_BxTxGxK.shape[2]
-  k_BxTxHxK, v_BxTxHxK = (jnp.repeat(x, r, axis=2) for x in (k_BxTxGxK, v_BxTxGxK))
-  pad = -T % PACKED_ALIGN
-  if pad:
-    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-                                       for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
-    segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), mode="edge")
-  o_BxTxHxK = pallas_attention.mha(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids_BxT.astype(jnp.int32),
-                                   sm_scale=scale, causal=True, block_sizes=PACKED_BLOCKS,
-                                   interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
-  return o_BxTxHxK[:, :T]
 
 
 def cached_key_block(T: int) -> int:
@@ -110,7 +70,8 @@ class FullAttention(nnx.Module):
     scale = self.cfg.head_dim**-0.5
     if context_size() > 1:  # the sequence is split over the 'context' mesh axis (parallel/context.py)
       return constrain(context_attention(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, segment_ids_BxT, scale=scale,
-                                         implementation=impl), HEADS_NAMES)
+                                         implementation=impl,
+                                         packed_implementation=self.cfg.fa_packed_implementation), HEADS_NAMES)
     attend = lambda q, k, v, m: (jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=m, is_causal=True, scale=scale, implementation=impl),)
     if impl == "cudnn":

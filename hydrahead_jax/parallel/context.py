@@ -35,6 +35,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hydrahead_jax.ops import gated_delta_rule
+from hydrahead_jax.ops.packed_attention import packed_implementation, pallas_packed_attention, segment_mask
 from hydrahead_jax.sharding import fit_pspec, logical_to_pspec, shard_map_skipping_none
 
 CONTEXT_AXIS = "context"
@@ -101,12 +102,15 @@ def _gather_t(x):
 
 
 # -- FA heads ---------------------------------------------------------------------------------------------------------
-def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float, implementation: str):
+def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float, implementation: str,
+                      packed_implementation: str | None = None):
   """Causal softmax attention (GQA) over a sequence split on the 'context' axis: [B, T, H, K] like
   ``jax.nn.dot_product_attention(q, k, v, mask=same-segment, is_causal=True)`` over the whole sequence.
 
   ``implementation``: 'xla' (explicit [Tl, T] mask) or 'cudnn' (switch over the shard index, zero-padded queries,
-  the cuDNN causal kernel; packed segments then go in as a dense [(c+1) Tl]^2 mask, for moderate T only).
+  the cuDNN causal kernel). With 'cudnn' and segment ids, rows that each hold one document run without a mask (a
+  run-time branch); packed rows take ``packed_implementation`` (``ops.packed_attention``: 'pallas', jax's Pallas
+  flash attention with segment ids, no T x T tensor; 'mask', a dense [(c+1) Tl]^2 mask, moderate T only).
   """
   n = context_size()
   B, T, H, K = q_BxTxHxK.shape
@@ -116,13 +120,14 @@ def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale
   tp = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
   # Heads split over 'tensor' only where the KV groups split too (contiguous query heads stay with their group).
   qn, kn = (BTHK, BTGK) if G % tp == 0 else (("batch", "length", None, None),) * 2
-  local = functools.partial(_attention_local, n=n, Tl=Tl, scale=scale, implementation=implementation)
+  local = functools.partial(_attention_local, n=n, Tl=Tl, scale=scale, implementation=implementation,
+                            packed=packed_implementation)
   (o,) = _shard_map(local, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT), (qn, kn, kn, BT),
                     ((qn, q_BxTxHxK.shape),))
   return o
 
 
-def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str):
+def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str, packed: str | None):
   c = lax.axis_index(CONTEXT_AXIS)
   k_all, v_all = _gather_t(k), _gather_t(v)
   seg_all = None if seg is None else _gather_t(seg)
@@ -139,9 +144,21 @@ def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementat
 
     def run(q, k_all, v_all, seg_all):
       q_pad = jnp.pad(q, ((0, 0), (ci * Tl, 0), (0, 0), (0, 0)))  # top-left causal on [S, S] = offset causal
-      mask = None if seg_all is None else (seg_all[:, None, :S, None] == seg_all[:, None, None, :S])
-      o = jax.nn.dot_product_attention(q_pad, k_all[:, :S], v_all[:, :S], mask=mask, is_causal=True, scale=scale,
-                                       implementation="cudnn")
+      k_s, v_s = k_all[:, :S], v_all[:, :S]
+
+      def cudnn(mask):
+        return jax.nn.dot_product_attention(q_pad, k_s, v_s, mask=mask, is_causal=True, scale=scale,
+                                            implementation="cudnn")
+
+      if seg_all is None:
+        o = cudnn(None)
+      else:
+        s = seg_all[:, :S]
+        if packed_implementation(packed, S) == "pallas":
+          packed_rows = lambda: pallas_packed_attention(q_pad, k_s, v_s, s, scale=scale)  # noqa: E731
+        else:
+          packed_rows = lambda: cudnn(segment_mask(s))  # noqa: E731
+        o = lax.cond(jnp.all(s == s[:, :1]), lambda: cudnn(None), packed_rows)  # one document per row: no mask
       return o[:, ci * Tl:]
 
     return run

@@ -1,0 +1,50 @@
+"""Causal attention of packed rows (several documents per row) without a T x T tensor, shared by the model's FA
+heads (``nn.attention``) and context parallelism (``parallel.context``), which import it from here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+# Pallas flash attention (jax.experimental.pallas.ops.gpu.attention.mha) for packed rows: its authors' default
+# tiles (forward 128 x 128, backward 32 x 32); the length is padded at the end to a multiple of PACKED_ALIGN.
+PACKED_BLOCKS = pallas_attention.BlockSizes.get_default()
+PACKED_ALIGN = 128
+
+
+def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, 1, T, T] boolean: query and key belong to the same document."""
+  return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+
+
+def packed_implementation(requested: str | None, T: int) -> str:
+  """How the cuDNN path attends rows that hold several documents: 'pallas' (segment-aware flash attention, no
+  T x T tensor) for T >= PACKED_ALIGN, else 'mask' (cuDNN with the dense segment mask; small at such T)."""
+  if requested is not None:
+    return requested
+  return "pallas" if T >= PACKED_ALIGN else "mask"
+
+
+def pallas_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float,
+                            interpret: bool | None = None):
+  """Causal attention within documents (equal segment ids) by jax's Pallas flash attention: never a T x T tensor.
+
+  GQA: the kernel has none, so each KV group is repeated for its query heads (group-major, as the weights are;
+  its backward sums the copies' gradients). The length is padded at the end to a multiple of PACKED_ALIGN, which
+  causality makes exact (no real query sees a padded key; padded queries are sliced off, so their cotangents are
+  zero and add nothing to dk, dv). Triton on GPU, the Pallas interpreter elsewhere (``interpret`` None; tests).
+  Runs on whole arrays: call it per shard under a mesh (a Pallas call has no SPMD partitioner).
+  """
+  B, T, H, K = q_BxTxHxK.shape
+  r = H // k_BxTxGxK.shape[2]
+  k_BxTxHxK, v_BxTxHxK = (jnp.repeat(x, r, axis=2) for x in (k_BxTxGxK, v_BxTxGxK))
+  pad = -T % PACKED_ALIGN
+  if pad:
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                       for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
+    segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), mode="edge")
+  o_BxTxHxK = pallas_attention.mha(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segment_ids_BxT.astype(jnp.int32),
+                                   sm_scale=scale, causal=True, block_sizes=PACKED_BLOCKS,
+                                   interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+  return o_BxTxHxK[:, :T]

@@ -20,6 +20,7 @@ Apply it to a CLI's ``main(argv=None) -> int``::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import functools
 import os
@@ -96,3 +97,17 @@ def cli_main(fn=None, *, user_errors: tuple[type[BaseException], ...] = (), prog
     return wrapper
 
   return wrap(fn) if fn is not None else wrap
+
+
+def import_config_file(path: str, error: type[Exception] = ValueError, what: str = "config file"):
+  """The module of a Python config file that defines ``get_config()``; ``error`` with one line when the file does
+  not exist or defines no ``get_config()`` (train, transfer and study configs are all such files)."""
+  if not os.path.isfile(path):
+    raise error(f"{what} {path!r} does not exist")
+  name = "hydrahead_user_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise error(f"{what} {path!r} defines no get_config()")
+  return module

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import os
 import re
 from typing import Any, Mapping
 
-from hydrahead_jax.cli import UserError
+from hydrahead_jax.cli import UserError, import_config_file
 
 KINDS = ("teacher", "student")
 # where an arm's layout comes from: a file, a selection policy on head scores, or every head LA
@@ -173,15 +172,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
 
 
 def load(path: str) -> StudyConfig:
-  if not os.path.isfile(path):
-    raise StudyConfigError(f"study config file {path!r} does not exist")
-  name = "hydrahead_study_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise StudyConfigError(f"study config file {path!r} defines no get_config()")
-  return validate(module.get_config())
+  return validate(import_config_file(path, StudyConfigError, "study config file").get_config())
 
 
 def parse_arms(text: str | None, cfg: StudyConfig) -> list[ArmConfig]:

@@ -18,13 +18,13 @@ import ast
 import collections.abc
 import dataclasses
 import difflib
-import importlib.util
 import json
 import os
 import types
 import typing
 from typing import Any, Mapping, Sequence
 
+from hydrahead_jax.cli import import_config_file
 from hydrahead_jax.config import HeadLayout, ModelConfig
 from hydrahead_jax.data.pipeline import DataConfig
 
@@ -428,14 +428,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 def load_config_file(path: str) -> Config:
   """Imports a Python config file and returns its validated ``get_config()``."""
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  name = "hydrahead_user_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} defines no get_config()")
+  module = import_config_file(path)
   try:
     cfg = module.get_config()
   except TypeError as e:  # e.g. a str where a section's own checks compare numbers

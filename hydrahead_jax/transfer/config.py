@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
 import os
 import typing
 from typing import Any, Mapping, Sequence
 
-from hydrahead_jax.cli import UserError
+from hydrahead_jax.cli import UserError, import_config_file
 from hydrahead_jax.data.pipeline import DataConfig
 from hydrahead_jax.train import config_lib
 from hydrahead_jax.train.config_lib import CheckpointConfig, OptimConfig
@@ -348,31 +347,18 @@ def apply_overrides(cfg: TransferConfig, overrides: Sequence[str]) -> TransferCo
 
 
 # -- files ----------------------------------------------------------------------------------------
-def _import(path: str):
-  name = "hydrahead_user_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def returns_transfer_config(path: str) -> bool:
   """Whether a config file's ``get_config()`` returns a ``TransferConfig`` (train.py's dispatch test)."""
   if not os.path.isfile(path):
     return False
   try:
-    module = _import(path)
-    return isinstance(module.get_config(), TransferConfig)
+    return isinstance(import_config_file(path).get_config(), TransferConfig)
   except Exception:  # noqa: BLE001 (not ours: config_lib.load reports the problem)
     return False
 
 
 def load(path: str, overrides: Sequence[str] = (), workdir: str | None = None) -> TransferConfig:
-  if not os.path.isfile(path):
-    raise TransferConfigError(f"config file {path!r} does not exist")
-  module = _import(path)
-  if not hasattr(module, "get_config"):
-    raise TransferConfigError(f"config file {path!r} defines no get_config()")
+  module = import_config_file(path, TransferConfigError)
   try:
     cfg = module.get_config()
   except (TypeError, ValueError) as e:

@@ -14,6 +14,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+  """The study CLI appends its configs' XLA flags to XLA_FLAGS for the process it starts in; restore them after each
+  test, or later tests' subprocesses inherit them (a train.py child compiled at another optimisation level gave
+  test_train's kill-and-resume run other losses than the in-process run from step 3 on)."""
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, cache_dir):
   """A random all-FA teacher (window 42), a one-stage transfer recipe, a layout file and a 4-arm study config."""

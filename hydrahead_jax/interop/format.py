@@ -16,14 +16,24 @@ from hydrahead_jax.config import ModelConfig
 FORMAT_VERSION = 1
 
 
-def write_json(path: str, data: dict[str, Any]) -> None:
-  with open(path, "w") as f:
+def write_json(path: str, data: Any) -> None:
+  """Writes ``data`` as JSON atomically (a temporary file renamed over ``path``: never half-written)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     json.dump(data, f, indent=1)
+  os.replace(tmp, path)
 
 
-def read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str, error: type[Exception] | None = None, what: str = "file") -> Any:
+  """The JSON value in ``path``; with ``error``, an unreadable or malformed file raises ``error`` with one line."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    if error is None:
+      raise
+    raise error(f"{what} {path}: cannot read ({e})") from None
 
 
 def prepare_dir(path: str, overwrite: bool) -> str:

@@ -12,8 +12,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
-from hydrahead_jax.ops.packed_attention import (PACKED_ALIGN, PACKED_BLOCKS, packed_implementation,  # noqa: F401
-                                                 pallas_packed_attention, segment_mask)
+from hydrahead_jax.ops.packed_attention import (PACKED_ALIGN, PACKED_BLOCKS, attend_segments,  # noqa: F401
+                                                 packed_implementation, pallas_packed_attention, segment_mask)
 from hydrahead_jax.parallel.context import context_attention, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 
@@ -87,14 +87,12 @@ class FullAttention(nnx.Module):
       # asked for 222 GiB). When every row holds one document (long-context rows, benchmarks) the mask changes
       # nothing: skip it at run time. Packed rows take segment-aware Pallas flash attention (no T x T tensor),
       # or the dense mask for short T (``packed_implementation``); the mask is built inside its branch only.
-      if packed_implementation(self.cfg.fa_packed_implementation, q_BxTxHfxK.shape[1]) == "pallas":
-        packed = per_shard(lambda q, k, v, s: (pallas_packed_attention(q, k, v, s, scale=scale),),
-                           (SHARD_B,) * 3 + (SEGMENTS_B,), (SHARD_B,))
-      else:
-        packed = lambda q, k, v, s: attend(q, k, v, segment_mask(s))  # noqa: E731
-      one_doc = jnp.all(segment_ids_BxT == segment_ids_BxT[:, :1])
-      (o_BxTxHfxK,) = jax.lax.cond(one_doc, lambda q, k, v, s: attend(q, k, v, None), packed, *args,
-                                   segment_ids_BxT)
+      pallas = per_shard(lambda q, k, v, s: (pallas_packed_attention(q, k, v, s, scale=scale),),
+                         (SHARD_B,) * 3 + (SEGMENTS_B,), (SHARD_B,))
+      (o_BxTxHfxK,) = attend_segments(segment_ids_BxT, self.cfg.fa_packed_implementation,
+                                      no_mask=lambda: attend(*args, None),
+                                      pallas=lambda: pallas(*args, segment_ids_BxT),
+                                      masked=lambda: attend(*args, segment_mask(segment_ids_BxT)))
     else:
       (o_BxTxHfxK,) = attend(*args, segment_mask(segment_ids_BxT))
     return constrain(o_BxTxHfxK, HEADS_NAMES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
 # Pallas flash attention (jax.experimental.pallas.ops.gpu.attention.mha) for packed rows: its authors' default
@@ -48,3 +49,12 @@ def pallas_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *,
                                    sm_scale=scale, causal=True, block_sizes=PACKED_BLOCKS,
                                    interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
   return o_BxTxHxK[:, :T]
+
+
+def attend_segments(segment_ids_BxT, requested: str | None, *, no_mask, pallas, masked):
+  """Causal attention with segment ids on the cuDNN path, chosen at run time: ``no_mask()`` when every row holds
+  one document (the mask changes nothing there, and cuDNN would take it as a dense T x T bias), else ``pallas()``
+  or ``masked()`` by ``packed_implementation(requested, T)``. The three are zero-argument closures returning the
+  same structure; only the branch taken runs (the mask is built inside ``masked`` only)."""
+  packed = pallas if packed_implementation(requested, segment_ids_BxT.shape[1]) == "pallas" else masked
+  return lax.cond(jnp.all(segment_ids_BxT == segment_ids_BxT[:, :1]), no_mask, packed)

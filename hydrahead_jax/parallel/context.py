@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hydrahead_jax.ops import gated_delta_rule
-from hydrahead_jax.ops.packed_attention import packed_implementation, pallas_packed_attention, segment_mask
+from hydrahead_jax.ops.packed_attention import attend_segments, pallas_packed_attention, segment_mask
 from hydrahead_jax.sharding import fit_pspec, logical_to_pspec, shard_map_skipping_none
 
 CONTEXT_AXIS = "context"
@@ -154,11 +154,9 @@ def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementat
         o = cudnn(None)
       else:
         s = seg_all[:, :S]
-        if packed_implementation(packed, S) == "pallas":
-          packed_rows = lambda: pallas_packed_attention(q_pad, k_s, v_s, s, scale=scale)  # noqa: E731
-        else:
-          packed_rows = lambda: cudnn(segment_mask(s))  # noqa: E731
-        o = lax.cond(jnp.all(s == s[:, :1]), lambda: cudnn(None), packed_rows)  # one document per row: no mask
+        o = attend_segments(s, packed, no_mask=lambda: cudnn(None),
+                            pallas=lambda: pallas_packed_attention(q_pad, k_s, v_s, s, scale=scale),
+                            masked=lambda: cudnn(segment_mask(s)))
       return o[:, ci * Tl:]
 
     return run

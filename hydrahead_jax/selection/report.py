@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from hydrahead_jax.config import HeadLayout
+from hydrahead_jax.interop.format import read_json
 
 
 def _jsonable(x):
@@ -35,11 +36,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 def read_scores(path: str) -> dict:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"scores file {path}: cannot read ({e})") from e
+  data = read_json(path, ValueError, "scores file")
   if "scores" not in data or "selection_score" not in data:
     raise ValueError(f"scores file {path}: missing 'scores'/'selection_score' (not written by the selection CLI?)")
   return data

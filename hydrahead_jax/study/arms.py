@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from hydrahead_jax.cli import UserError
+from hydrahead_jax.interop.format import read_json, write_json
 from hydrahead_jax.study import measure
 from hydrahead_jax.study.config import ArmConfig, StudyConfig, StudyConfigError, arm_record
 
@@ -32,11 +33,7 @@ def result_path(out_dir: str, arm_id: str) -> str:
 
 
 def read_result(path: str) -> dict:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"result file {path}: cannot read ({e})") from None
+  data = read_json(path, UserError, "result file")
   if data.get("schema") != SCHEMA:
     raise UserError(f"result file {path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
   return data
@@ -151,7 +148,7 @@ class Study:
       try:
         layout = policies.read_layout(spec.file)
         layout.validate(t.num_layers, t.num_kv_heads)
-        info = json.load(open(spec.file))
+        info = read_json(spec.file)
       except ValueError as e:
         raise StudyConfigError(f"arm {arm.id}: layout file {spec.file}: {e}") from None
       info.pop("fa_groups", None)
@@ -223,11 +220,7 @@ class Study:
 
   def write(self, arm: ArmConfig, result: dict) -> str:
     path = result_path(self.out_dir, arm.id)
-    os.makedirs(self.out_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, result)
     return path
 
 
@@ -252,11 +245,9 @@ def check_arm(study: Study, arm: ArmConfig) -> str:
 def _ledger(workdir: str, key: str, seconds: float) -> float:
   """Adds ``seconds`` to the arm's time ledger (across commands / GPU stretches); returns the total."""
   path = os.path.join(workdir, "study_time.json")
-  data = json.load(open(path)) if os.path.isfile(path) else {}
+  data = read_json(path) if os.path.isfile(path) else {}
   data[key] = data.get(key, 0.0) + seconds
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(data, f)
+  write_json(path, data)
   return data[key]
 
 
@@ -325,7 +316,7 @@ def run_arm(study: Study, arm: ArmConfig) -> dict:
   if proxy is None:
     proxy = _timed(workdir, "eval_s", lambda: measure.short_context_proxy(model, study.teacher()[0], tok, e))
   result["proxy"] = proxy
-  times = json.load(open(os.path.join(workdir, "study_time.json")))
+  times = read_json(os.path.join(workdir, "study_time.json"))
   result["budget"] = study.budget(transfer, times.get("eval_s"), times.get("transfer_s"))
   result["env"] = measure.environment()
   out = study.write(arm, result)
@@ -367,7 +358,7 @@ def import_arm(study: Study, arm: ArmConfig, eval_path: str, summary_path: str |
     if not os.path.isfile(p):
       raise UserError(f"{p}: no such file")
   try:
-    results = json.load(open(eval_path))
+    results = read_json(eval_path)
     models, ecfg = results["models"], results["config"]
   except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
     raise UserError(f"--eval {eval_path}: not a results.json of python -m hydrahead_jax.eval ({e})") from None
@@ -377,7 +368,7 @@ def import_arm(study: Study, arm: ArmConfig, eval_path: str, summary_path: str |
       raise UserError(f"arm {arm.id} is a student: give its transfer's summary.json with --transfer-summary "
                       "(the training budget is part of the result)")
     try:
-      summary = json.load(open(summary_path))
+      summary = read_json(summary_path)
       last = summary["stages"][-1]
       scfg = ModelConfig.from_dict(last["record"]["student"])
     except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:

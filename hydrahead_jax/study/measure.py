@@ -16,20 +16,8 @@ import time
 import jax
 import numpy as np
 
+from hydrahead_jax.interop.format import read_json, write_json
 from hydrahead_jax.study.config import StudyEval
-
-
-def _write_json(path: str, data) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
 
 
 def eval_settings(e: StudyEval) -> dict:
@@ -56,7 +44,7 @@ def run_eval(model, tokenizer, e: StudyEval, cache_dir: str, name: str, print_fn
   settings = eval_settings(e)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   cdir = os.path.join(cache_dir, key)
-  _write_json(os.path.join(cdir, "settings.json"), settings)
+  write_json(os.path.join(cdir, "settings.json"), settings)
   rs = RunSettings(batch_size=e.batch_size, chunk_size=e.chunk_size, max_new_tokens=e.max_new_tokens)
   kw = dict(examples=e.examples, seed=e.seed, chat=e.chat, ppl_docs=e.ppl_docs, settings=rs, name=name)
   cells: dict = {}
@@ -68,22 +56,22 @@ def run_eval(model, tokenizer, e: StudyEval, cache_dir: str, name: str, print_fn
         continue
       path = os.path.join(cdir, f"{task}@{length}.json")
       if os.path.isfile(path):
-        cell = _read_json(path)
+        cell = read_json(path)
         done += 1
       else:
         res = evaluate_model(model, tokenizer, tasks=[task], lengths=[length], **kw)
         cell = compact_cell(res["tasks"][task][str(length)])
-        _write_json(path, cell)
+        write_json(path, cell)
         computed += 1
       cells.setdefault(task, {})[str(length)] = cell
   ppl = None
   if "ppl" in e.tasks:
     path = os.path.join(cdir, "ppl.json")
     if os.path.isfile(path):
-      ppl = _read_json(path)
+      ppl = read_json(path)
     else:
       ppl = evaluate_model(model, tokenizer, tasks=["ppl"], lengths=[max(e.lengths)], **kw)["ppl"]
-      _write_json(path, ppl)
+      write_json(path, ppl)
   if done:
     print_fn(f"  [{name}] evaluation: {done} cells from the cache ({cdir}), {computed} computed")
   return {"settings": settings, "cells": cells, "ppl": ppl, "seconds": round(time.perf_counter() - t0, 2)}

@@ -135,6 +135,16 @@ class Judge:
     ids = self.roles.get(role, [])
     return [self.results[i] for i in ids if i in self.results], [i for i in ids if i not in self.results]
 
+  def _pair(self, number: int, role_a: str, role_b: str):
+    """(arms of role_a, arms of role_b), or an INCONCLUSIVE claim when one is missing or their budgets differ."""
+    missing = self._need(role_a, role_b)
+    if missing:
+      return Claim(number, INCONCLUSIVE, missing)
+    a, b = self.arms(role_a)[0], self.arms(role_b)[0]
+    if (why := _budget_differs(a + b)):
+      return Claim(number, INCONCLUSIVE, f"training budgets differ ({why})")
+    return a, b
+
   def _need(self, *roles: str) -> str | None:
     why = []
     for role in roles:
@@ -196,12 +206,10 @@ class Judge:
                  nums)
 
   def claim1(self) -> Claim:
-    missing = self._need("head_exact", "layerwise_3to1")
-    if missing:
-      return Claim(1, INCONCLUSIVE, missing)
-    a, b = self.arms("head_exact")[0], self.arms("layerwise_3to1")[0]
-    if (why := _budget_differs(a + b)):
-      return Claim(1, INCONCLUSIVE, f"training budgets differ ({why})")
+    pair = self._pair(1, "head_exact", "layerwise_3to1")
+    if isinstance(pair, Claim):
+      return pair
+    a, b = pair
     if (why := _settings_differ(a + b)):
       return Claim(1, INCONCLUSIVE, f"evaluated on different inputs ({why})")
     got = self._compare(a, b)
@@ -233,9 +241,9 @@ class Judge:
       else:
         parts.append(self.superiority(2, chosen, rnd))
     verdicts = {c.verdict for c in parts}
-    verdict = verdicts.pop() if len(verdicts) == 1 else INCONCLUSIVE
+    verdict = next(iter(verdicts)) if len(verdicts) == 1 else INCONCLUSIVE
     why = " | ".join(f"{role}: {c.verdict}: {c.why}" for role, c in zip(("exact patching", "retrieval score"), parts))
-    if verdict == INCONCLUSIVE and len({c.verdict for c in parts}) > 1:
+    if len(verdicts) > 1:
       why = "mixed outcomes | " + why
     absent = self.arms("random")[1]
     if absent:
@@ -243,12 +251,10 @@ class Judge:
     return Claim(2, verdict, why, {"exact": parts[0].numbers, "retrieval": parts[1].numbers})
 
   def claim3(self) -> Claim:
-    missing = self._need("head_exact", "no_fusion")
-    if missing:
-      return Claim(3, INCONCLUSIVE, missing)
-    a, b = self.arms("head_exact")[0], self.arms("no_fusion")[0]
-    if (why := _budget_differs(a + b)):
-      return Claim(3, INCONCLUSIVE, f"training budgets differ ({why})")
+    pair = self._pair(3, "head_exact", "no_fusion")
+    if isinstance(pair, Claim):
+      return pair
+    a, b = pair
     c = self.superiority(3, a, b)
     pa, pb = a[0].get("proxy") or {}, b[0].get("proxy") or {}
     if pa.get("kl") is not None and pb.get("kl") is not None:

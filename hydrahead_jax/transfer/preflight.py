@@ -7,22 +7,17 @@ teacher's weights are read or a step is compiled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Iterable
 
 from hydrahead_jax.config import HeadLayout, ModelConfig
+from hydrahead_jax.interop.format import read_json
 from hydrahead_jax.transfer import config as tconfig
 from hydrahead_jax.transfer.config import TransferConfig, TransferConfigError
 
 
 def _err(key: str, msg: str) -> TransferConfigError:
   return TransferConfigError(f"transfer config key {key!r}: {msg}")
-
-
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
 
 
 @dataclasses.dataclass

@@ -41,7 +41,8 @@ import numpy as np
 from hydrahead_jax.config import HeadLayout, ModelConfig
 from hydrahead_jax.transfer import config as tconfig
 from hydrahead_jax.transfer.config import StageConfig, TransferConfig, TransferConfigError
-from hydrahead_jax.transfer.preflight import Preflight, check_prepared, preflight, read_json, student_cfg
+from hydrahead_jax.interop.format import read_json
+from hydrahead_jax.transfer.preflight import Preflight, check_prepared, preflight, student_cfg
 
 Callback = Callable[[str, str, int, Any], None]  # (event: 'step' | 'checkpoint' | 'stage_end', stage, step, ctx)
 

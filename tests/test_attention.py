@@ -90,10 +90,13 @@ def _layer(packed_impl, heads=4, groups=2):
 
 
 def test_cudnn_path_takes_pallas_for_packed_rows(rng, monkeypatch):
-  """On the cuDNN path packed rows run the Pallas kernel (auto at T >= 128) and equal the dense-mask path (forced
-  'mask'), gradients too; rows of one document each still run cuDNN without a mask; short T keeps the mask."""
+  """On the cuDNN path packed rows run the Pallas kernel ('pallas'; auto beyond PACKED_MASK_MAX_T) and equal the
+  dense-mask path ('mask'; auto up to it), gradients too; rows of one document each still run cuDNN without a
+  mask."""
+  from hydrahead_jax.ops import packed_attention as packed_mod
+
   calls = _fake_cudnn(monkeypatch)
-  cfg, fa = _layer(None)
+  cfg, fa = _layer("pallas")
   _, fa_mask = _layer("mask")  # the same weights (same seed)
   B, T = 2, 128
   x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
@@ -117,16 +120,17 @@ def test_cudnn_path_takes_pallas_for_packed_rows(rng, monkeypatch):
   one = jnp.asarray([[3] * T, [5] * T], jnp.int32)
   run(fa, x, one)
   assert calls == [("cudnn", False, (B, T, 4, 24))], calls  # one document per row: cuDNN without a mask
-  assert attention_mod.packed_implementation(None, 127) == "mask"
-  assert attention_mod.packed_implementation(None, 128) == "pallas"
-  assert attention_mod.packed_implementation("mask", 4096) == "mask"
+  assert packed_mod.packed_implementation(None, 127) == "mask"
+  assert packed_mod.packed_implementation(None, packed_mod.PACKED_MASK_MAX_T) == "mask"
+  assert packed_mod.packed_implementation(None, packed_mod.PACKED_MASK_MAX_T + 1) == "pallas"
+  assert packed_mod.packed_implementation("mask", 65536) == "mask"
 
 
 def test_pallas_packed_path_runs_per_shard(rng, monkeypatch):
   """Under a data x fsdp x tensor mesh the Pallas kernel runs on each device's batch rows (shard_map; heads whole)
   and the output and input gradient equal the unsharded ones."""
   calls = _fake_cudnn(monkeypatch)
-  cfg, fa = _layer(None)
+  cfg, fa = _layer("pallas")
   B, T = 4, 128
   x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
   seg = packed_segments(rng, B, T)

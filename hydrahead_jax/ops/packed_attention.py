@@ -12,6 +12,11 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 # tiles (forward 128 x 128, backward 32 x 32); the length is padded at the end to a multiple of PACKED_ALIGN.
 PACKED_BLOCKS = pallas_attention.BlockSizes.get_default()
 PACKED_ALIGN = 128
+# Up to this length a packed row goes through cuDNN with the dense segment mask ([B, 1, T, T] booleans: 256 MiB per
+# row at 16K), beyond it through the Pallas kernel. Measured on an H200 at 8K (16 q heads / 8 KV groups, head_dim
+# 128, 4 documents, fwd + bwd): cuDNN + mask 5.9 ms, Pallas 8.6 ms, cuDNN one document 3.0 ms
+# (docs/evidence/h200-2026-11-30b/packed_attention_8k.jsonl); past 16K the mask's memory grows as T^2.
+PACKED_MASK_MAX_T = 16384
 
 
 def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -20,11 +25,12 @@ def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def packed_implementation(requested: str | None, T: int) -> str:
-  """How the cuDNN path attends rows that hold several documents: 'pallas' (segment-aware flash attention, no
-  T x T tensor) for T >= PACKED_ALIGN, else 'mask' (cuDNN with the dense segment mask; small at such T)."""
+  """How the cuDNN path attends rows that hold several documents: 'mask' (cuDNN with the dense segment mask; the
+  faster one where the mask is small) up to PACKED_MASK_MAX_T, else 'pallas' (segment-aware flash attention, no
+  T x T tensor)."""
   if requested is not None:
     return requested
-  return "pallas" if T >= PACKED_ALIGN else "mask"
+  return "mask" if T <= PACKED_MASK_MAX_T else "pallas"
 
 
 def pallas_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float,

@@ -55,7 +55,8 @@ def uncached_greedy(model, prompt, n, length=S):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_cached_logits_match_full_forward(name, rng):
   """Chunked prefill (any chunking) and one-token decode steps give the full forward's logits at every position,
-  and greedy generation equals the cache-less greedy decoder."""
+  and (for two layouts: the loop around prefill and decode is layout-blind) greedy generation equals the cache-less
+  greedy decoder."""
   t0 = time.time()
   model = make(name)
   tokens = rng.integers(0, V, (2, 16)).astype(np.int32)
@@ -74,8 +75,9 @@ def test_cached_logits_match_full_forward(name, rng):
     np.testing.assert_allclose(np.asarray(step_logits), ref[:, i], atol=2e-5, rtol=1e-4, err_msg=f"position {i}")
   assert int(cache.length) == 16 and cache.pos.tolist() == [16, 16]
 
-  prompt = tokens[0, :5].tolist()
-  assert generate(model, prompt, 8, bucket=S) == uncached_greedy(model, prompt, 8)
+  if name in ("all_la", "head_mixed_unscanned"):  # B = 1 programs cost 3 more compiles per layout
+    prompt = tokens[0, :5].tolist()
+    assert generate(model, prompt, 8, bucket=S) == uncached_greedy(model, prompt, 8)
   print(f"{name}: {time.time() - t0:.1f}s")
 
 

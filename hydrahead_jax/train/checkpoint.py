@@ -83,6 +83,11 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
   """One short line from an (Orbax / TensorStore) exception: the innermost cause, without specs."""
   while exc.__cause__ is not None and str(exc.__cause__):
     exc = exc.__cause__
+  if isinstance(exc, OSError) and exc.strerror:  # the cause first; a long path loses its front, not the cause
+    name = str(exc.filename or "")
+    room = max(limit - len(exc.strerror) - 16, 20)
+    name = name if len(name) <= room else "..." + name[-room:]
+    return f"OSError: {exc.strerror}" + (f": '{name}'" if name else "")
   text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
   text = str(text).split(" [tensorstore_spec", 1)[0].split("See full TensorStore details", 1)[0]
   text = " ".join(text.split()) or type(exc).__name__

@@ -7,8 +7,9 @@
 #
 # Chain A (GPU 0) runs the study arms $ARMS_A (default 4: random FA groups, claim 2), chain B (GPU 1) the arms
 # $ARMS_B (default 6: layer-wise 3:1, claim 1), each an arm's transfer (the recipe's budget) + the suite. Then, with
-# both GPUs free, issue 15's remaining cells: all-FA at 512K on CP = 2, train.py with configs/long_512k.py, and the
-# 7:1 step at 512K on one GPU. On a one-GPU machine the chains run one after the other and the CP = 2 part is
+# both GPUs free, issue 15's remaining cells: the 7:1 step at 256K and 512K on CP = 2 with FA 'heads' (the default
+# since 2026-11-30; the first hold measured 'gather'), all-FA at 512K on CP = 2, train.py with
+# configs/long_512k.py, and the 7:1 step at 512K on one GPU. On a one-GPU machine the chains run one after the other and the CP = 2 part is
 # skipped. The chains run in their own sessions (setsid), so they outlive a call while the machine is held. Results
 # and logs go to $EV (/root/ev); every `start`/`collect` packs the small files so far (no checkpoints) into
 # $OUT/evidence.tgz. The first hold (2026-11-30) ran arm 2 and the CP cells that docs/parallelism.md reports.
@@ -74,6 +75,8 @@ start)
   setsid nohup bash -c "
     while [ ! -e $EV/A.done ] || [ ! -e $EV/B.done ]; do sleep 5; done
     if [ $ngpu -ge 2 ]; then
+      CUDA_VISIBLE_DEVICES=0,1 $cp --out $EV/cp2heads --cp 2 --lengths 262144 524288 --layouts 7:1 \
+        > $EV/C0_cp2_heads.log 2>&1
       CUDA_VISIBLE_DEVICES=0,1 $cp --out $EV/cp2fa --cp 2 --lengths 524288 --layouts all-FA --steps 1 > $EV/C1_cp2_fa.log 2>&1
       CUDA_VISIBLE_DEVICES=0,1 timeout 300 python3 train.py --config configs/long_512k.py --workdir /root/long_512k \
         --set train.progress=false > $EV/C2_train_512k.log 2>&1

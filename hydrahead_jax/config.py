@@ -128,8 +128,12 @@ class ModelConfig:
   fusion: str = "scale_norm"
   fa_implementation: str | None = None  # None = auto: 'cudnn' on GPU with bf16/fp16, else 'xla'
   # How the cuDNN path attends rows packed with several documents: 'pallas' (segment-aware Pallas flash attention,
-  # no T x T tensor) | 'mask' (cuDNN with a dense T x T segment mask); None = 'pallas' for T >= 128, else 'mask'.
+  # no T x T tensor) | 'mask' (cuDNN with a dense T x T segment mask); None = 'mask' up to 16K, else 'pallas'.
   fa_packed_implementation: str | None = None
+  # FA under context parallelism (parallel/context.py): 'heads' (all-to-all: each device attends 1/n of the query
+  # heads over the whole sequence) | 'gather' (each device its own queries against all-gathered keys; the last one
+  # computes the whole causal square on cuDNN); None = 'heads' where the heads split, else 'gather'. Exact both.
+  fa_context_algorithm: str | None = None
   # Gated DeltaNet heads
   la_conv_size: int = 4
   la_output_gate: bool = True
@@ -175,6 +179,9 @@ class ModelConfig:
     if self.fa_packed_implementation not in (None, "pallas", "mask"):
       raise ValueError(f"model.fa_packed_implementation: {self.fa_packed_implementation!r}; choose None (auto), "
                        "'pallas' or 'mask'")
+    if self.fa_context_algorithm not in (None, "heads", "gather"):
+      raise ValueError(f"model.fa_context_algorithm: {self.fa_context_algorithm!r}; choose None (auto), 'heads' or "
+                       "'gather'")
     for name in ("conv_implementation", "fusion_implementation"):
       if getattr(self, name) not in (None, "xla", "pallas"):
         raise ValueError(f"model.{name}: {getattr(self, name)!r}; choose None (auto), 'xla' or 'pallas'")

@@ -2,6 +2,7 @@
 'context' mesh axis gives the single-device forward and gradients, for the FA path, the GDN path and the short conv
 alone and for whole models of every layout, with packed segments that cross (and start at) shard boundaries."""
 
+import functools
 import os
 
 import jax
@@ -90,9 +91,12 @@ def test_affine_summary_composes(rng):
   assert float(jnp.abs(a_reset).max()) == 0.0
 
 
+@pytest.mark.parametrize("algorithm", ["heads", "gather"])
 @pytest.mark.parametrize("implementation", ["xla", "cudnn"])
-def test_attention_matches_unsharded(rng, monkeypatch, implementation):
-  """FA path alone: GQA causal attention with packed segments, sharded over context (and batch, heads)."""
+def test_attention_matches_unsharded(rng, monkeypatch, implementation, algorithm):
+  """FA path alone: GQA causal attention with packed segments, sharded over context (and batch, heads), by both
+  algorithms: 'heads' (all-to-all, whole-sequence attention on 1/n of the heads: one head of a group per device at
+  CP 4, the group's two heads at CP 2, a tensor-split group at dp2 x cp2 x tp2) and 'gather'."""
   H, G, K = 4, 2, 8
   q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(B, T, G, K)), jnp.float32) for _ in range(2))
@@ -101,26 +105,45 @@ def test_attention_matches_unsharded(rng, monkeypatch, implementation):
   ref_unpacked = value_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.3),
                                  (0, 1, 2))(q, k, v)
   calls = []
-  if implementation == "cudnn":  # the cuDNN branch structure, with XLA standing in for cuDNN on the CPU
+  if implementation == "cudnn":  # the cuDNN call structure, with XLA standing in for cuDNN on the CPU
     real = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, implementation, **kw: calls.append(
-        (q.shape[1], kw.get("is_causal"), implementation)) or real(q, *a, implementation="xla", **kw))
-  fn = value_and_grads(lambda q, k, v, s: context_attention(q, k, v, s, scale=0.3, implementation=implementation),
-                       (0, 1, 2))
+        (q.shape[1], q.shape[2], kw.get("is_causal"), implementation)) or real(q, *a, implementation="xla", **kw))
+  attend = functools.partial(context_attention, scale=0.3, implementation=implementation, algorithm=algorithm)
+  fn = value_and_grads(lambda q, k, v, s: attend(q, k, v, s), (0, 1, 2))
   for name in ("cp4", "dp2_cp2_tp2"):
     with jax.set_mesh(mesh(name)):
       close(fn(q, k, v, SEG), ref)
-  with jax.set_mesh(mesh("cp8")):  # no segment ids
-    close(fn(q, k, v, None), ref_unpacked)
-  if implementation == "cudnn":  # branch c: queries zero-padded to (c+1) T/n, causal
-    assert {(8, True, "cudnn"), (16, True, "cudnn"), (32, True, "cudnn")} <= set(calls), calls
+  if algorithm == "gather":
+    with jax.set_mesh(mesh("cp8")):  # no segment ids
+      close(fn(q, k, v, None), ref_unpacked)
+  else:
+    with jax.set_mesh(mesh("cp2")):
+      close(fn(q, k, v, None), ref_unpacked)
+    with jax.set_mesh(mesh("cp8")), pytest.raises(ValueError, match="do not split over 8 context devices"):
+      fn(q, k, v, None)
+  if implementation == "cudnn":
+    if algorithm == "gather":  # branch c: queries zero-padded to (c+1) T/n, causal, all heads
+      assert {(8, H, True, "cudnn"), (16, H, True, "cudnn"), (32, H, True, "cudnn")} <= set(calls), calls
+    else:  # whole sequence, 1/n of the heads (cp4: 1, dp2 x cp2 x tp2: 1 of the device's 2, cp2: 2)
+      assert set(calls) == {(T, 1, True, "cudnn"), (T, 2, True, "cudnn")}, set(calls)
     # packed rows through jax's Pallas flash attention with segment ids (interpret mode here; no T x T mask)
-    fn_pallas = value_and_grads(lambda q, k, v, s: context_attention(
-        q, k, v, s, scale=0.3, implementation="cudnn", packed_implementation="pallas"), (0, 1, 2))
+    fn_pallas = value_and_grads(lambda q, k, v, s: attend(q, k, v, s, packed_implementation="pallas"), (0, 1, 2))
     with jax.set_mesh(mesh("cp4")):
       close(fn_pallas(q, k, v, SEG), ref)
       one_doc = jnp.zeros_like(SEG)  # one document per row: the mask-free branch
       close(fn_pallas(q, k, v, one_doc), ref_unpacked)
+
+
+def test_attention_algorithm_choice():
+  """'heads' where the per-device query heads split in whole KV groups or inside one group, else 'gather'."""
+  from hydrahead_jax.parallel.context import heads_split_fits
+
+  assert heads_split_fits(16, 8, 2) and heads_split_fits(16, 8, 8) and heads_split_fits(16, 8, 16)
+  assert heads_split_fits(2, 1, 2) and not heads_split_fits(2, 1, 4)  # a 7:1 layer's FA group: CP 2 at most
+  assert not heads_split_fits(6, 2, 4)  # 6 heads do not divide over 4
+  assert heads_split_fits(12, 4, 4)  # 3 heads per device: one whole group of 3 each
+  assert not heads_split_fits(6, 3, 2)  # 3 heads per device straddle groups of 2
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "pallas"])
@@ -262,7 +285,8 @@ def test_model_matches_unsharded(rng):
 def test_gpu_kernels_lower_for_cuda(monkeypatch):
   """The GPU path under CP 2, lowered for CUDA from the CPU (jit(value_and_grad) of a hybrid mixer): every Triton
   module (GDN at the widened value width V + K, short conv on T/n + W-1 rows; forward and backward) passes the MLIR
-  verifier, and cuDNN attention appears once per switch branch (forward and backward)."""
+  verifier; FA 'heads' (the automatic choice here: 2 heads of one group over 2 devices) runs one cuDNN call on the
+  whole sequence for one head, between two all-to-alls, and 'gather' one per switch branch (forward and backward)."""
   import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
 
   import pallas_kernels.gated_delta_rule.ops as gdn_ops
@@ -274,19 +298,27 @@ def test_gpu_kernels_lower_for_cuda(monkeypatch):
   monkeypatch.setattr(gdn_ops, "default_backend", lambda: ("triton", gdn_ops.gpu_triton.Config()))
   monkeypatch.setattr(conv_ops, "default_config", lambda: conv_ops.gpu_triton.Config())
   monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)  # no cuDNN on the CPU: trace anyway
-  cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=64,
-                    dtype="bfloat16", param_dtype="bfloat16", layout=HeadLayout(((0,),)), la_implementation="pallas",
-                    conv_implementation="pallas", fa_implementation="cudnn")
-  graphdef, params = nnx.split(HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(0)))
   Tg = 256
-  cos_sin = rope_angles(jnp.arange(Tg, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
 
-  def loss(params, x):
-    return jnp.mean(nnx.merge(graphdef, params)(x, cos_sin, None)[0].astype(jnp.float32) ** 2)
+  def lowered(algorithm):
+    cfg = ModelConfig(vocab_size=64, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=64,
+                      dtype="bfloat16", param_dtype="bfloat16", layout=HeadLayout(((0,),)), la_implementation="pallas",
+                      conv_implementation="pallas", fa_implementation="cudnn", fa_context_algorithm=algorithm)
+    graphdef, params = nnx.split(HydraHeadMixer(cfg, 1, rngs=nnx.Rngs(0)))
+    cos_sin = rope_angles(jnp.arange(Tg, dtype=jnp.int32)[None], cfg.head_dim, cfg.rope_theta)
 
-  with jax.set_mesh(mesh("cp2")), verified_triton_modules() as modules:
-    text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1)), params,
-                          jax.ShapeDtypeStruct((1, Tg, cfg.d_model), jnp.bfloat16)).as_text()
+    def loss(params, x):
+      return jnp.mean(nnx.merge(graphdef, params)(x, cos_sin, None)[0].astype(jnp.float32) ** 2)
+
+    with jax.set_mesh(mesh("cp2")), verified_triton_modules() as modules:
+      text = lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1)), params,
+                            jax.ShapeDtypeStruct((1, Tg, cfg.d_model), jnp.bfloat16)).as_text()
+    return text, modules
+
+  text, modules = lowered(None)
   assert {"gdn_state_fwd", "gdn_state_bwd", "short_conv_fwd", "short_conv_bwd_dx"} <= set(modules), modules
   assert "tensor<1x128x2x64xbf16>" in text  # the GDN's value width V + K = 64 per shard of 128 tokens
+  assert text.count("cudnn$fmha") == 2 and text.count("stablehlo.case") == 0  # 'heads': one call each way
+  assert "all_to_all" in text and "tensor<1x256x1x32xbf16>" in text  # the whole sequence, one head per device
+  text, _ = lowered("gather")
   assert text.count("cudnn$fmha") == 4 and text.count("stablehlo.case") == 2

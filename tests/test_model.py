@@ -257,6 +257,8 @@ def test_cudnn_path_skips_the_mask_only_for_one_document_rows(rng, monkeypatch):
         (dict(fusion="layernorm"), "model.fusion"),
         (dict(remat="sometimes"), "model.remat"),
         (dict(d_model=0), "model.d_model"),
+        (dict(fa_context_algorithm="ring"), "model.fa_context_algorithm"),
+        (dict(fa_packed_implementation="dense"), "model.fa_packed_implementation"),
     ],
 )
 def test_bad_config_errors(kw, field):

@@ -29,8 +29,8 @@ from hydrahead_jax.interop.safetensors import (SAFETENSORS_CONFIG, SAFETENSORS_F
 
 SMOLLM2 = "smollm2"
 # Config fields a restored HydraHead checkpoint may change on load: numerics and kernels, never parameter shapes.
-RESTORE_OVERRIDES = ("remat", "fa_implementation", "fa_packed_implementation", "la_implementation",
-                     "conv_implementation", "fusion_implementation", "la_chunk_size")
+RESTORE_OVERRIDES = ("remat", "fa_implementation", "fa_packed_implementation", "fa_context_algorithm",
+                     "la_implementation", "conv_implementation", "fusion_implementation", "la_chunk_size")
 
 
 class Loaded(NamedTuple):

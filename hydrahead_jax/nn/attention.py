@@ -71,7 +71,8 @@ class FullAttention(nnx.Module):
     if context_size() > 1:  # the sequence is split over the 'context' mesh axis (parallel/context.py)
       return constrain(context_attention(q_BxTxHfxK, k_BxTxGfxK, v_BxTxGfxK, segment_ids_BxT, scale=scale,
                                          implementation=impl,
-                                         packed_implementation=self.cfg.fa_packed_implementation), HEADS_NAMES)
+                                         packed_implementation=self.cfg.fa_packed_implementation,
+                                         algorithm=self.cfg.fa_context_algorithm), HEADS_NAMES)
     attend = lambda q, k, v, m: (jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=m, is_causal=True, scale=scale, implementation=impl),)
     if impl == "cudnn":

@@ -5,12 +5,15 @@ activation [B, T, ...] holds T / n contiguous tokens per device (shard c: tokens
 (projections, MLP, norms, RoPE with global positions) needs nothing more. The three sequence mixers do, and each runs
 here inside one ``jax.shard_map`` over batch rows x length x heads:
 
-* ``context_attention`` (FA heads): all-gather K, V (and the segment ids) over 'context'; each shard attends its local
-  queries to the gathered keys with its causal offset (key position <= the query's global position) and segment ids
-  that cross shard boundaries. XLA: one explicit [T/n, T] mask. cuDNN (no offset causal mask in jax's cuDNN API:
-  ``local_window_size`` with a right window is refused unless causal): a ``lax.switch`` over the shard index whose
-  branch c pads the queries in front with c T/n zero rows and runs the top-left causal cuDNN kernel over keys
-  [0, (c+1) T/n): exact, flash memory, more compute (see the docs).
+* ``context_attention`` (FA heads), two algorithms. 'heads' (the default where the query heads divide): all-gather
+  K, V and the segment ids over 'context', and an all-to-all that gives every device the whole sequence of 1/n of
+  the query heads; each device runs the single-device causal attention (cuDNN on GPU) on its heads, and a second
+  all-to-all returns the outputs to their token shards: every device does 1/n of the work. 'gather': each shard
+  attends its local queries to the gathered keys with its causal offset (key position <= the query's global
+  position). XLA: one explicit [T/n, T] mask. cuDNN (no offset causal mask in jax's cuDNN API: ``local_window_size``
+  with a right window is refused unless causal): a ``lax.switch`` over the shard index whose branch c pads the
+  queries in front with c T/n zero rows and runs the top-left causal cuDNN kernel over keys [0, (c+1) T/n): exact,
+  flash memory, but the last shard computes the whole causal square (see the docs).
 * ``context_gated_delta_rule`` (LA heads): the state after a shard is an affine map of the state before it,
   S_out = A S_in + B. One kernel run per shard with v' = [v | 0] and initial state [0 | I] returns the outputs of a
   zero incoming state and the read-out of A in one go (o' = [o0 | oA], final state [B | A]); A and B are
@@ -102,15 +105,31 @@ def _gather_t(x):
 
 
 # -- FA heads ---------------------------------------------------------------------------------------------------------
+CONTEXT_ATTENTION_ALGORITHMS = ("heads", "gather")
+
+
+def heads_split_fits(num_heads: int, num_groups: int, n: int) -> bool:
+  """Whether 'heads' can give each of n devices num_heads / n contiguous query heads whose KV groups it can take
+  whole: the per-device heads are whole groups, or lie inside one group."""
+  if num_heads % n:
+    return False
+  h, r = num_heads // n, num_heads // num_groups
+  return h % r == 0 or r % h == 0
+
+
 def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale: float, implementation: str,
-                      packed_implementation: str | None = None):
+                      packed_implementation: str | None = None, algorithm: str | None = None):
   """Causal softmax attention (GQA) over a sequence split on the 'context' axis: [B, T, H, K] like
   ``jax.nn.dot_product_attention(q, k, v, mask=same-segment, is_causal=True)`` over the whole sequence.
 
-  ``implementation``: 'xla' (explicit [Tl, T] mask) or 'cudnn' (switch over the shard index, zero-padded queries,
-  the cuDNN causal kernel). With 'cudnn' and segment ids, rows that each hold one document run without a mask (a
-  run-time branch); packed rows take ``packed_implementation`` (``ops.packed_attention``: 'pallas', jax's Pallas
-  flash attention with segment ids, no T x T tensor; 'mask', a dense [(c+1) Tl]^2 mask, moderate T only).
+  ``algorithm``: 'heads' (all-to-all to whole-sequence head groups; each device attends 1/n of the heads over all
+  T), 'gather' (each shard attends its own queries to the gathered keys), None = 'heads' where the query heads of
+  a device (after a 'tensor' split) divide by n in whole groups or within one group (``heads_split_fits``), else
+  'gather'. ``implementation``: 'xla' (explicit masks) or 'cudnn' ('heads': the single-device cuDNN call on the
+  whole sequence; 'gather': a switch over the shard index, zero-padded queries, the cuDNN causal kernel). With
+  'cudnn' and segment ids, rows that each hold one document run without a mask (a run-time branch); packed rows take
+  ``packed_implementation`` (``ops.packed_attention``: 'pallas', jax's Pallas flash attention with segment ids, no
+  T x T tensor; 'mask', a dense mask, moderate T only; None: by length).
   """
   n = context_size()
   B, T, H, K = q_BxTxHxK.shape
@@ -119,12 +138,55 @@ def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale
   mesh = _mesh()
   tp = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("tensor", 1)
   # Heads split over 'tensor' only where the KV groups split too (contiguous query heads stay with their group).
-  qn, kn = (BTHK, BTGK) if G % tp == 0 else (("batch", "length", None, None),) * 2
-  local = functools.partial(_attention_local, n=n, Tl=Tl, scale=scale, implementation=implementation,
+  split = G % tp == 0
+  qn, kn = (BTHK, BTGK) if split else (("batch", "length", None, None),) * 2
+  h_dev, g_dev = (H // tp, G // tp) if split else (H, G)
+  fits = heads_split_fits(h_dev, g_dev, n)
+  if algorithm is None:
+    algorithm = "heads" if fits else "gather"
+  elif algorithm not in CONTEXT_ATTENTION_ALGORITHMS:
+    raise ValueError(f"context attention: algorithm {algorithm!r}; choose None (auto), 'heads' or 'gather'")
+  elif algorithm == "heads" and not fits:
+    raise ValueError(f"context attention 'heads': {h_dev} query heads in {g_dev} KV groups per device do not split "
+                     f"over {n} context devices in whole groups or within one group; use 'gather' (or None)")
+  body = _attention_heads if algorithm == "heads" else _attention_local
+  local = functools.partial(body, n=n, Tl=Tl, scale=scale, implementation=implementation,
                             packed=packed_implementation)
   (o,) = _shard_map(local, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT), (qn, kn, kn, BT),
                     ((qn, q_BxTxHxK.shape),))
   return o
+
+
+def _whole_sequence_attention(q, k, v, seg, *, scale: float, implementation: str, packed: str | None):
+  """Causal attention from position 0 on whole rows (the single-device path): cuDNN without a mask for rows of one
+  document, else the packed path; XLA with the segment mask."""
+  if implementation != "cudnn":
+    mask = None if seg is None else segment_mask(seg)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=implementation)
+
+  def cudnn(mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation="cudnn")
+
+  if seg is None:
+    return cudnn(None)
+  return attend_segments(seg, packed, no_mask=lambda: cudnn(None),
+                         pallas=lambda: pallas_packed_attention(q, k, v, seg, scale=scale),
+                         masked=lambda: cudnn(segment_mask(seg)))
+
+
+def _attention_heads(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str, packed: str | None):
+  """'heads': device c takes query heads [c h, (c+1) h) (h = H / n) over the whole sequence and their KV groups."""
+  c = lax.axis_index(CONTEXT_AXIS)
+  H, G = q.shape[2], k.shape[2]
+  h, r = H // n, H // G
+  # [B, Tl, H, K] -> [B, T, h, K]: the head axis cut in n, each piece sent to its device, pieces joined along T
+  q_heads = lax.all_to_all(q, CONTEXT_AXIS, split_axis=2, concat_axis=1, tiled=True)
+  g0, g_cnt = (c * h) // r, max(h // r, 1)  # whole groups, or the one group that holds these heads
+  k_all, v_all = (lax.dynamic_slice_in_dim(_gather_t(x), g0, g_cnt, axis=2) for x in (k, v))
+  seg_all = None if seg is None else _gather_t(seg)
+  o = _whole_sequence_attention(q_heads, k_all, v_all, seg_all, scale=scale, implementation=implementation,
+                                packed=packed)
+  return (lax.all_to_all(o, CONTEXT_AXIS, split_axis=1, concat_axis=2, tiled=True),)  # back to [B, Tl, H, K]
 
 
 def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str, packed: str | None):
@@ -144,19 +206,8 @@ def _attention_local(q, k, v, seg, *, n: int, Tl: int, scale: float, implementat
 
     def run(q, k_all, v_all, seg_all):
       q_pad = jnp.pad(q, ((0, 0), (ci * Tl, 0), (0, 0), (0, 0)))  # top-left causal on [S, S] = offset causal
-      k_s, v_s = k_all[:, :S], v_all[:, :S]
-
-      def cudnn(mask):
-        return jax.nn.dot_product_attention(q_pad, k_s, v_s, mask=mask, is_causal=True, scale=scale,
-                                            implementation="cudnn")
-
-      if seg_all is None:
-        o = cudnn(None)
-      else:
-        s = seg_all[:, :S]
-        o = attend_segments(s, packed, no_mask=lambda: cudnn(None),
-                            pallas=lambda: pallas_packed_attention(q_pad, k_s, v_s, s, scale=scale),
-                            masked=lambda: cudnn(segment_mask(s)))
+      o = _whole_sequence_attention(q_pad, k_all[:, :S], v_all[:, :S], None if seg_all is None else seg_all[:, :S],
+                                    scale=scale, implementation="cudnn", packed=packed)
       return o[:, ci * Tl:]
 
     return run

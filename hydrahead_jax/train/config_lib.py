@@ -496,7 +496,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # saved state nor the meaning of the saved data-iterator position).
 RESUME_SAFE = (
     "workdir", "model.remat", "model.la_implementation", "model.la_chunk_size", "model.dtype",
-    "model.fa_implementation", "model.fa_packed_implementation", "model.conv_implementation",
+    "model.fa_implementation", "model.fa_packed_implementation", "model.fa_context_algorithm",
+    "model.conv_implementation",
     "model.fusion_implementation",
     "data.num_workers", "data.read_threads", "data.prefetch_buffer",
     "optim.lr", "optim.warmup_steps", "optim.min_lr_ratio", "optim.b1", "optim.b2", "optim.eps",

@@ -28,11 +28,12 @@ status() {
 pack() {  # the small result files so far (no checkpoints) -> $OUT/evidence.tgz; every call brings back what exists
   mkdir -p "$OUT" "$EV/results"
   cp -r docs/results/arm*.json docs/results/layouts "$EV/results/" 2>/dev/null
-  (cd runs/smollm2_7to1 2>/dev/null && find . -maxdepth 2 -type f \( -name 'summary.json' -o -name 'results.txt' \
-      -o -name 'metrics.jsonl' -o -name 'loss.png' -o -path './eval/*.json' -o -name 'layout.json' \) \
-      -exec cp --parents {} "$EV/results/" \; )
-  (cd runs/study/smollm2 2>/dev/null && find . -maxdepth 2 -type f \( -name 'summary.json' -o -name 'results.txt' \
-      -o -name 'loss.png' -o -name 'metrics.jsonl' \) -exec cp --parents {} "$EV/results/" \; )
+  for run in runs/smollm2_7to1 runs/study/smollm2; do  # the recipe run (arm 2) and the study's other arms
+    mkdir -p "$EV/results/$run"
+    (cd "$run" 2>/dev/null && find . -maxdepth 2 -type f \( -name 'summary.json' -o -name 'results.txt' \
+        -o -name 'metrics.jsonl' -o -name 'loss.png' -o -path './eval/*.json' -o -name 'layout.json' \) \
+        -exec cp --parents {} "$EV/results/$run/" \; )
+  done
   (cd "$EV" && find . -path ./w -prune -o -type f \
       \( -name '*.json' -o -name '*.jsonl' -o -name '*.txt' -o -name '*.png' -o -name '*.log' \) -size -4M -print \
       | tar czf "$OUT/evidence.tgz" -T -)

@@ -3,9 +3,10 @@ token position (all models in one plot), and a printed table."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
+
+from hydrahead_jax.interop import format as format_io
 
 
 def length_label(n: int) -> str:
@@ -15,8 +16,7 @@ def length_label(n: int) -> str:
 
 def write_json(results: dict, out_dir: str) -> str:
   path = os.path.join(out_dir, "results.json")
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
+  format_io.write_json(path, results)  # atomic: a run stopped mid-write keeps the previous results
   return path
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from hydrahead_jax.config import ModelConfig
 
 FORMAT_VERSION = 1
 
 
-def write_json(path: str, data: Any) -> None:
-  """Writes ``data`` as JSON atomically (a temporary file renamed over ``path``: never half-written)."""
+def write_json(path: str, data: Any, default: Callable[[Any], Any] | None = None) -> None:
+  """Writes ``data`` as JSON atomically (a temporary file renamed over ``path``: never half-written); ``default``
+  converts what json cannot (``json.dump``'s hook)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
+    json.dump(data, f, indent=1, default=default)
+    f.write("\n")
   os.replace(tmp, path)
 
 

@@ -176,13 +176,16 @@ def _whole_sequence_attention(q, k, v, seg, *, scale: float, implementation: str
 
 def _attention_heads(q, k, v, seg, *, n: int, Tl: int, scale: float, implementation: str, packed: str | None):
   """'heads': device c takes query heads [c h, (c+1) h) (h = H / n) over the whole sequence and their KV groups."""
-  c = lax.axis_index(CONTEXT_AXIS)
   H, G = q.shape[2], k.shape[2]
   h, r = H // n, H // G
   # [B, Tl, H, K] -> [B, T, h, K]: the head axis cut in n, each piece sent to its device, pieces joined along T
-  q_heads = lax.all_to_all(q, CONTEXT_AXIS, split_axis=2, concat_axis=1, tiled=True)
-  g0, g_cnt = (c * h) // r, max(h // r, 1)  # whole groups, or the one group that holds these heads
-  k_all, v_all = (lax.dynamic_slice_in_dim(_gather_t(x), g0, g_cnt, axis=2) for x in (k, v))
+  to_heads = functools.partial(lax.all_to_all, axis_name=CONTEXT_AXIS, split_axis=2, concat_axis=1, tiled=True)
+  q_heads = to_heads(q)
+  if h % r == 0:  # whole groups per device (G / n of them): K and V travel like the queries
+    k_all, v_all = to_heads(k), to_heads(v)
+  else:  # the device's heads lie inside group c h // r: all of K and V gathered, that group kept
+    g0 = (lax.axis_index(CONTEXT_AXIS) * h) // r
+    k_all, v_all = (lax.dynamic_slice_in_dim(_gather_t(x), g0, 1, axis=2) for x in (k, v))
   seg_all = None if seg is None else _gather_t(seg)
   o = _whole_sequence_attention(q_heads, k_all, v_all, seg_all, scale=scale, implementation=implementation,
                                 packed=packed)

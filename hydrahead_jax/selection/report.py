@@ -3,12 +3,12 @@ matrix and a short text report."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from hydrahead_jax.config import HeadLayout
+from hydrahead_jax.interop import format as format_io
 from hydrahead_jax.interop.format import read_json
 
 
@@ -30,9 +30,8 @@ def _jsonable(x):
 
 
 def write_json(path: str, data: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(_jsonable(data), f, indent=1)
-    f.write("\n")
+  """``data`` with numpy values made plain (non-finite floats as null), written atomically."""
+  format_io.write_json(path, _jsonable(data))
 
 
 def read_scores(path: str) -> dict:

@@ -41,7 +41,7 @@ import numpy as np
 from hydrahead_jax.config import HeadLayout, ModelConfig
 from hydrahead_jax.transfer import config as tconfig
 from hydrahead_jax.transfer.config import StageConfig, TransferConfig, TransferConfigError
-from hydrahead_jax.interop.format import read_json
+from hydrahead_jax.interop.format import read_json, write_json
 from hydrahead_jax.transfer.preflight import Preflight, check_prepared, preflight, student_cfg
 
 Callback = Callable[[str, str, int, Any], None]  # (event: 'step' | 'checkpoint' | 'stage_end', stage, step, ctx)
@@ -51,11 +51,8 @@ class TransferInterrupted(Exception):
   """SIGTERM/SIGINT: the current stage saved a checkpoint; rerun the same command to resume."""
 
 
-def _write_json(path: str, data: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=_json_default)
-  os.replace(tmp, path)
+def _write(path: str, data: Any) -> None:
+  write_json(path, data, default=_json_default)
 
 
 def _json_default(x):
@@ -108,7 +105,7 @@ def run(cfg: TransferConfig, callbacks: Iterable[Callback] = (), print_fn: Calla
   pre = preflight(cfg)
   cfg = pre.cfg
   os.makedirs(cfg.workdir, exist_ok=True)
-  _write_json(os.path.join(cfg.workdir, "transfer_config.json"), tconfig.to_dict(cfg))
+  _write(os.path.join(cfg.workdir, "transfer_config.json"), tconfig.to_dict(cfg))
   ctx = Context(cfg, pre, print_fn, list(callbacks))
   ctx.log = MetricsLog(cfg.workdir, True)
   stage_summaries, status = [], "complete"
@@ -146,7 +143,7 @@ def run(cfg: TransferConfig, callbacks: Iterable[Callback] = (), print_fn: Calla
     with open(ctx.path("results.txt"), "w") as f:
       f.write(text + "\n")
     print_fn(text)
-  _write_json(ctx.path("summary.json"), summary)
+  _write(ctx.path("summary.json"), summary)
   return summary
 
 
@@ -209,7 +206,7 @@ def _save_tokenizer(ctx: Context, tok) -> str | None:
     backend = tok.backend
     names = {k: backend.id_to_token(v) for k, v in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
                                                    ("pad_token", tok.pad_id)) if v is not None}
-    _write_json(os.path.join(d, "tokenizer_config.json"), names)
+    _write(os.path.join(d, "tokenizer_config.json"), names)
     os.replace(path + ".tmp", path)
   from hydrahead_jax.data.tokenizer import load_tokenizer
 
@@ -413,7 +410,7 @@ def _cached_eval(ctx: Context, name: str, get_model) -> dict | None:
                           ctx.pre.window)
   res["seconds"] = time.time() - t0
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_json(path, res)
+  _write(path, res)
   return res
 
 
@@ -641,7 +638,7 @@ def run_stage(ctx: Context, i: int, stage: StageConfig, offset: int) -> dict:
     if cfg.eval.enabled:
       summary["eval"] = _cached_eval(ctx, f"after_{stage.name}", lambda: model)
       ctx.evals[f"after {stage.name}"] = summary["eval"]
-    _write_json(done_file, summary)
+    _write(done_file, summary)
     tok_s = summary["tokens_per_s"]
     pf(f"stage {i + 1}/{len(cfg.stages)} {stage.name!r} done: {total * tps:,} tokens ({new_tokens:,} this run) in "
        f"{wall:.1f} s wall (compile + first step {timing['first'] or 0:.1f} s), "

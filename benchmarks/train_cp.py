@@ -5,8 +5,9 @@ shapes of ``benchmarks/train_step.py``), bf16 compute, f32 params, AdamW, full r
 split over a ``context`` mesh axis of CP devices (hydrahead_jax/parallel/context.py). The step is the project's own
 (``train.step.make_train_step``, fwd + bwd + AdamW) with its chunked cross entropy run on each device's own tokens
 (``parallel.context.per_token_shards``). Per cell (T, layout, CP), in a fresh process (an OOM or a crash is that
-cell's result; peak memory is per cell): median step time, tokens/s, MFU over CP devices, peak memory of every
-device (max reported), first-step (compile) time, loss.
+cell's result; peak memory is per cell): the step compiled ahead (compile_s), ``--warmup`` steps run untimed, then
+the median of ``--steps`` timed steps, tokens/s, MFU over CP devices, peak memory of every device (max reported),
+the first step's time, loss.
 
   python benchmarks/train_cp.py --out $OUT [--lengths 131072 262144 524288] [--cp 4] [--layouts 7:1 all-FA]
   python benchmarks/train_cp.py --smoke          # tiny shapes on CPU with 4 fake devices (CP 1 and 4: equal loss)
@@ -27,7 +28,7 @@ LAYOUTS = ("7:1", "all-FA", "3:1", "all-LA")
 
 
 def run_cell(T: int, layout: str, cp: int, steps: int, smoke: bool, loss_chunk: int, peak_tflops: float,
-             overrides: dict) -> dict:
+             overrides: dict, warmup: int = 1) -> dict:
   """One (T, layout, CP) cell in this process."""
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   sys.path.insert(0, ROOT)
@@ -66,15 +67,15 @@ def run_cell(T: int, layout: str, cp: int, steps: int, smoke: bool, loss_chunk: 
              "answer_mask": np.zeros((1, T), np.float32)}
     batch = jax.device_put(batch, NamedSharding(mesh, P(None, "context")))
     t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    first_s = time.perf_counter() - t0
+    step = step.lower(state, batch).compile()  # compiled ahead: no step pays the compile
+    compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(steps):
+    for _ in range(warmup + steps):  # the first `warmup` steps are run, not timed
       t0 = time.perf_counter()
       state, m = step(state, batch)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
+    first_s, times = times[0], times[warmup:]
   sec = float(np.median(times))
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
   peaks = [p for p in peaks if p is not None]
@@ -82,13 +83,14 @@ def run_cell(T: int, layout: str, cp: int, steps: int, smoke: bool, loss_chunk: 
           "mfu": flops_per_step(cfg, num_params, T) / sec / (cp * peak_tflops * 1e12),
           "peak_gib_max": max(peaks) / 2**30 if peaks else None,
           "peak_gib_per_device": [round(p / 2**30, 2) for p in peaks] or None,
-          "first_step_s": first_s, "loss": float(m["loss"]), "params": num_params,
+          "steps": len(times), "warmup": warmup, "compile_s": compile_s, "first_step_s": first_s,
+          "loss": float(m["loss"]), "params": num_params,
           "device": devices[0].device_kind}
 
 
 def cell_subprocess(args, T: int, layout: str, cp: int) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--cell", str(T), layout, str(cp), "--steps", str(args.steps),
-         "--peak-tflops", str(args.peak_tflops)] + (["--smoke"] if args.smoke else [])
+         "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)] + (["--smoke"] if args.smoke else [])
   cmd += [] if args.loss_chunk is None else ["--loss-chunk", str(args.loss_chunk)]
   for item in args.overrides:
     cmd += ["--set", item]
@@ -126,7 +128,8 @@ def main() -> None:
   ap.add_argument("--lengths", type=int, nargs="*", default=[131072, 262144, 524288])
   ap.add_argument("--layouts", nargs="*", default=["7:1", "all-FA"], choices=LAYOUTS)
   ap.add_argument("--cp", type=int, nargs="*", default=None, help="context-parallel sizes (default: all devices)")
-  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+  ap.add_argument("--warmup", type=int, default=1, help="steps run before the timed ones (compiled ahead anyway)")
   ap.add_argument("--loss-chunk", type=int, default=None, help="chunked CE positions per chunk (default: step's)")
   ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul ceiling per device")
   ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -140,12 +143,14 @@ def main() -> None:
     T, layout, cp = int(args.cell[0]), args.cell[1], int(args.cell[2])
     try:
       res = run_cell(T, layout, cp, args.steps, args.smoke, args.loss_chunk, args.peak_tflops,
-                     parse_overrides(args.overrides))
+                     parse_overrides(args.overrides), warmup=args.warmup)
     except Exception as e:  # noqa: BLE001 - an OOM is a result
       msg = f"{type(e).__name__}: {str(e)[:400]}"
       res = {"T": T, "layout": layout, "cp": cp, "error": ("OOM: " if "RESOURCE_EXHAUSTED" in msg else "") + msg}
     print(json.dumps(res), flush=True)
     return
+  if min(args.steps, args.warmup + 1) < 1:
+    ap.error("--steps must be >= 1 and --warmup >= 0")
   if args.smoke:
     args.lengths, args.steps, args.cp = [256], 2, args.cp or [1, 4]
   if args.cp is None:

@@ -104,6 +104,15 @@ def test_cached_scoring_matches_full_forward(model, corpus):
     lp = np.asarray(fwd(model, seq))[0, len(e.prompt) - 1:-1]
     ref = lp[np.arange(len(e.answer)), e.answer].mean()
     np.testing.assert_allclose(r["logprob"], ref, rtol=1e-4, atol=1e-4)
+  # one cache size for a whole suite (2x this length's): the same generations and log-probabilities
+  big = evaluate_examples(model, BYTE, exs, RunSettings(batch_size=2, chunk_size=512, max_new_tokens=40,
+                                                        cache_slots=2048))
+  assert [r["prediction"] for r in big["examples"]] == [r["prediction"] for r in cell["examples"]]
+  np.testing.assert_allclose([r["logprob"] for r in big["examples"]], [r["logprob"] for r in cell["examples"]],
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="cache_slots 1024 < prompt length 1024"):
+    evaluate_examples(model, BYTE, exs[:1], RunSettings(batch_size=2, chunk_size=512, max_new_tokens=40,
+                                                        cache_slots=1024))
 
 
 def test_evaluate_model_and_perplexity(model):

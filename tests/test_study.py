@@ -308,13 +308,14 @@ def test_shipped_configs():
   arm2 = smol.arm("2")
   recipe = tconfig.load(smol.transfer)
   mine = study.transfer_cfg(arm2, arm2.layout.file)
-  assert mine.replace(workdir=recipe.workdir, corpus=recipe.corpus) == recipe
+  assert mine.replace(workdir=recipe.workdir, corpus=recipe.corpus, eval=recipe.eval) == recipe
+  assert recipe.eval.enabled and not mine.eval.enabled  # the suite measures every arm; no per-stage probes
   assert mine.workdir == os.path.join(ROOT, recipe.workdir) and mine.corpus.out == os.path.join(mine.workdir, "corpus")
   half = Study(smol.replace(budget="half"), print_fn=lambda *_: None).base
   assert [s.steps for s in half.stages] == [s.steps // 2 for s in recipe.stages]
   eight = study.transfer_cfg(smol.arm("8"), arm2.layout.file)
   assert eight.convert.fusion == "none" and eight.stage("align").optim.trainable == ("*.mixer.la.*",)
-  assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus,
+  assert eight.replace(convert=recipe.convert, workdir=recipe.workdir, corpus=recipe.corpus, eval=recipe.eval,
                        stages=recipe.stages) == recipe
   assert [dataclasses.replace(s, optim=None) for s in eight.stages] == [dataclasses.replace(s, optim=None)
                                                                        for s in recipe.stages]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Sequence
 
 from hydrahead_jax.eval.corpus import tokenized
 from hydrahead_jax.eval.report import length_label
-from hydrahead_jax.eval.runner import RunSettings, evaluate_examples, log, perplexity
+from hydrahead_jax.eval.runner import RunSettings, evaluate_examples, log, perplexity, suite_slots
 from hydrahead_jax.eval.tasks import TASKS, build_examples, chat_parts
 
 ALL_TASKS = TASKS + ("ppl",)
@@ -18,14 +19,16 @@ def evaluate_model(model, tokenizer, *, tasks: Sequence[str] = ALL_TASKS, length
                    settings: RunSettings = RunSettings(), name: str = "model", verbose: bool = True) -> dict:
   """{'tasks': {task: {str(length): cell}}, 'ppl': {...} or None, 'chat_template': bool, 'seconds'}.
 
-  A cell: gen_acc, lp_acc, logprob, n, seconds and per-example details (runner.evaluate_examples). Lengths
-  run outermost, so each length compiles its prefill chunk and decode step once for all tasks. Perplexity is
-  measured on documents of the longest length."""
+  A cell: gen_acc, lp_acc, logprob, n, seconds and per-example details (runner.evaluate_examples). Every
+  length uses one cache size (``settings.cache_slots``, default: the longest length's), so the suite compiles
+  its prefill chunk and decode step once. Perplexity is measured on documents of the longest length."""
   bad = [t for t in tasks if t not in ALL_TASKS]
   if bad:
     raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from {', '.join(ALL_TASKS)}")
   if examples < 1:
     raise ValueError(f"--examples must be >= 1, got {examples}")
+  if settings.cache_slots is None:
+    settings = dataclasses.replace(settings, cache_slots=suite_slots(lengths, settings.max_new_tokens))
   t0 = time.perf_counter()
   corpus = tokenized(tokenizer)
   parts = chat_parts(tokenizer, chat)

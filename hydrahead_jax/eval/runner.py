@@ -6,8 +6,11 @@ All through the hybrid cache (``hydrahead_jax.generation``): one chunked prefill
   - generation: greedy decoding from the same cache until every row produced a stop token (EOS, end of turn)
     or, for single-value tasks, ended its first line of content (or ``max_new_tokens``); ``gen_acc`` = RULER's
     string match: the fraction of expected values found (as whole numbers / words) in the generated text.
-Prompts of a batch have the same length (no padding); a short last batch is filled with copies (discarded),
-so a length needs one compiled prefill chunk and one compiled decode step for all its tasks.
+Prompts of a batch have the same length (no padding); a short last batch is filled with copies (discarded).
+Every batch's cache has ``RunSettings.cache_slots`` slots (``evaluate_model`` sets it from the longest length), so
+a whole suite needs one compiled prefill chunk and one compiled decode step (per distinct last-chunk width):
+slots past a prompt are masked, and a short prompt's numbers differ from a cache of its own size only by the
+order of float sums.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ from hydrahead_jax.generation import decode_step, init_cache, prefill, round_up,
 class RunSettings:
   batch_size: int = 4
   chunk_size: int = 1024  # prefill chunk (XLA attention holds [batch, heads, chunk, slots] scores)
-  max_new_tokens: int = 64  # generation budget (also sizes the cache: one size per length)
+  max_new_tokens: int = 64  # generation budget
+  cache_slots: int | None = None  # cache size of every batch (>= length + max_new_tokens); None: per length
   compiler_options: dict | None = None
+
+
+def suite_slots(lengths: Sequence[int], max_new_tokens: int) -> int:
+  """One cache size for every length of a suite: the longest prompt + the generation budget, rounded to 64."""
+  return round_up(max(lengths) + max_new_tokens, 64)
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -55,7 +64,9 @@ def run_batch(model, tokenizer, examples: Sequence[Example], settings: RunSettin
   A = max(len(e.answer) for e in rows)
   if A > settings.max_new_tokens:
     raise ValueError(f"eval: answers of {A} tokens exceed --max-new-tokens {settings.max_new_tokens}")
-  S = round_up(L + settings.max_new_tokens, 64)
+  S = settings.cache_slots or round_up(L + settings.max_new_tokens, 64)
+  if S < L + settings.max_new_tokens:
+    raise ValueError(f"eval: cache_slots {S} < prompt length {L} + max_new_tokens {settings.max_new_tokens}")
   opts = settings.compiler_options
   cache = init_cache(model, B, S)
   model = split_model(model)  # once, not per decode step

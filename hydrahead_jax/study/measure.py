@@ -39,13 +39,15 @@ def run_eval(model, tokenizer, e: StudyEval, cache_dir: str, name: str, print_fn
   """{'settings', 'cells': {task: {length: cell}}, 'ppl', 'seconds'}; every (task, length) cell and the perplexity
   are cached as JSON under ``cache_dir`` (keyed by the settings) and reused by a rerun."""
   from hydrahead_jax.eval.evaluate import evaluate_model
-  from hydrahead_jax.eval.runner import RunSettings
+  from hydrahead_jax.eval.runner import RunSettings, suite_slots
 
   settings = eval_settings(e)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
   cdir = os.path.join(cache_dir, key)
   write_json(os.path.join(cdir, "settings.json"), settings)
-  rs = RunSettings(batch_size=e.batch_size, chunk_size=e.chunk_size, max_new_tokens=e.max_new_tokens)
+  # one cache size for every cell (the cells run one at a time): one compiled prefill chunk and decode step
+  rs = RunSettings(batch_size=e.batch_size, chunk_size=e.chunk_size, max_new_tokens=e.max_new_tokens,
+                   cache_slots=suite_slots(e.lengths, e.max_new_tokens))
   kw = dict(examples=e.examples, seed=e.seed, chat=e.chat, ppl_docs=e.ppl_docs, settings=rs, name=name)
   cells: dict = {}
   t0 = time.perf_counter()

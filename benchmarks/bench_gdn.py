@@ -79,6 +79,7 @@ def _variants():
       "bv16_wp8": _config(C(warps_par=8)),
       "bv16_nosave": _config(C(save_inverse=False)),
       "bv16_tf32x3": _config(C(inv_precision="tf32x3")),
+      "bv16_ib16": _config(C(inv_block=16)),  # the inverse's substitution blocks before 2026-11-30 (19 matmuls)
       "bv16_fsplit": _config(C(fwd_split=True)),
       "bv16_fsplit_ss5": _config(C(fwd_split=True, stages_seq=5)),
       "bv16_fsplit_save": _config(C(fwd_split=True, save_states=True)),

@@ -267,6 +267,10 @@ def test_verdict_claim2():
   one = _judge([r for r in _with(a2={**hi, 16384: 0.5}, a3=hi) if r["arm"] != "4b"]).claim2()
   assert one.verdict == "reproduced" and "random arm 4b missing" in one.why
   assert _judge([r for r in _with() if r["arm"] not in ("4", "4b")]).claim2().verdict == "inconclusive"
+  # arm 3 missing: inconclusive, with the exact-patching comparison that exists so far
+  part = _judge([r for r in _with(a2={**hi, 16384: 0.5}) if r["arm"] != "3"]).claim2()
+  assert part.verdict == "inconclusive" and "arm 3 (head_retrieval) missing" in part.why
+  assert "so far, exact patching vs random: reproduced" in part.why and set(part.numbers) == {"exact"}
 
 
 def test_verdict_claim3_and_4():

@@ -230,16 +230,21 @@ class Judge:
 
   def claim2(self) -> Claim:
     missing = self._need("head_exact", "head_retrieval", "random")
-    if missing:
-      return Claim(2, INCONCLUSIVE, missing)
     rnd = self.arms("random")[0]
     parts = []
     for role in ("head_exact", "head_retrieval"):
       chosen = self.arms(role)[0]
-      if (why := _budget_differs(chosen + rnd)):
+      if not chosen or not rnd:
+        parts.append(None)
+      elif (why := _budget_differs(chosen + rnd)):
         parts.append(Claim(2, INCONCLUSIVE, f"training budgets differ ({why})"))
       else:
         parts.append(self.superiority(2, chosen, rnd))
+    if missing:  # inconclusive; the comparison that exists so far is shown
+      so_far = [f"so far, {role} vs random: {c.verdict}: {c.why}" for role, c in
+                zip(("exact patching", "retrieval score"), parts) if c is not None]
+      return Claim(2, INCONCLUSIVE, " | ".join([missing] + so_far),
+                   {k: c.numbers for k, c in zip(("exact", "retrieval"), parts) if c is not None})
     verdicts = {c.verdict for c in parts}
     verdict = next(iter(verdicts)) if len(verdicts) == 1 else INCONCLUSIVE
     why = " | ".join(f"{role}: {c.verdict}: {c.why}" for role, c in zip(("exact patching", "retrieval score"), parts))

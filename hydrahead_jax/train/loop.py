@@ -286,8 +286,8 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
     if is_main:
       print_fn(f"model: {sum(int(np.prod(s)) for s in shapes.values()):,} parameters; layout "
                f"{cfg.model.layout.describe(cfg.model.num_kv_heads)}; {optim.describe(plan, shapes)}")
-      print_fn(f"devices: {n_dev} x {jax.devices()[0].device_kind} (mesh data={mesh.shape['data']}, "
-               f"fsdp={dict(mesh.shape).get('fsdp', 1)}), processes: {jax.process_count()}")
+      axes = ", ".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
+      print_fn(f"devices: {n_dev} x {jax.devices()[0].device_kind} (mesh {axes}), processes: {jax.process_count()}")
 
     # data
     pc = jax.process_count()

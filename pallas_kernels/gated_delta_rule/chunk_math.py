@@ -75,13 +75,15 @@ def strict_lower(x_CxC: Array) -> Array:
   return jnp.where(row_CxC > col_CxC, x_CxC, 0.0)
 
 
-def unit_lower_inverse(a_CxC: Array, precision=None, block: int = 16) -> Array:
+def unit_lower_inverse(a_CxC: Array, precision=None, block: int = 4) -> Array:
   """(I + A)^-1 for strictly lower-triangular A, numerically stable for every A the gated delta rule makes.
 
   Diagonal blocks of ``block`` rows by forward substitution (row s of every block at once: block - 1 masked
-  matmuls), then blocks merged pairwise (16 -> 32 -> 64): with X = D + E, D block-diagonal and E the blocks
-  just below it inside the merged block (so E D^-1 E = 0), X^-1 = D^-1 - D^-1 E D^-1 (two matmuls a level).
-  Every intermediate is a block of the true inverse, so nothing cancels.
+  C x C matmuls), then blocks merged pairwise (4 -> 8 -> ... -> C): with X = D + E, D block-diagonal and E the
+  blocks just below it inside the merged block (so E D^-1 E = 0), X^-1 = D^-1 - D^-1 E D^-1 (two matmuls a
+  level). Every intermediate is a block of the true inverse, so nothing cancels. Matmuls for C = 64: block 4 (the
+  default) 3 + 4 x 2 = 11; block 16 (before 2026-11-30) 15 + 2 x 2 = 19: the substitution's matmuls are as
+  dear as the merges' and do less.
 
   (The Neumann product prod_k (I + (-A)^(2^k)) used before is exact in exact arithmetic, but its powers grow
   to ~binom(C, C/2) |a|^(C/2): with correlated keys and little decay -- a student right after conversion from a
@@ -105,11 +107,11 @@ def unit_lower_inverse(a_CxC: Array, precision=None, block: int = 16) -> Array:
   return t_CxC
 
 
-def wy_matrix(k_CxK: Array, beta_C: Array, dec: Decay, precision=None, inv_precision=None):
+def wy_matrix(k_CxK: Array, beta_C: Array, dec: Decay, precision=None, inv_precision=None, inv_block: int = 4):
   """K K^T (float32), the strict-lower A and T = (I + A)^-1."""
   kk_CxC = mm(k_CxK, k_CxK, tb=True, precision=precision)
   a_CxC = strict_lower(beta_C[:, None] * kk_CxC * dec.gam_CxC)
-  return kk_CxC, a_CxC, unit_lower_inverse(a_CxC, inv_precision)
+  return kk_CxC, a_CxC, unit_lower_inverse(a_CxC, inv_precision, inv_block)
 
 
 def one_hot_last(C: int, x: Array) -> Array:

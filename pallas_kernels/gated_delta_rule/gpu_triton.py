@@ -50,6 +50,7 @@ class Config:
   stages: int = 2  # software-pipelining depth of the chunk-parallel kernels
   stages_seq: int = 3  # ... and of the sequential state passes (loads of chunk n+1.. overlap chunk n)
   inv_precision: str = "tf32"  # dots of the 64x64 inverse: 'tf32' | 'tf32x3' | 'bf16x3' | 'ieee'
+  inv_block: int = 4  # diagonal blocks of the inverse solved by substitution, then merged (chunk_math)
   save_inverse: bool = True  # keep T = (I + A)^-1 (float32, [B, H, T, C]) from forward to backward
   dqk_block: int = 0  # K / V tile of the dqk kernel (0: whole K, V)
   wyb_block: int = 64  # K / V tile of the wy_bwd kernel
@@ -131,7 +132,7 @@ def _vectors_at(gc_ref, sid_ref, t0, C):
 
 
 def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, tin_ref, w_ref, u_ref, p_ref, tout_ref, *,
-                   C, L, scale, prec, inv_prec):
+                   C, L, scale, prec, inv_prec, inv_block):
   """W, U, P of each chunk; T = (I + A)^-1 computed (optionally written) or read from a saved one."""
   cd = w_ref.dtype
 
@@ -141,7 +142,7 @@ def _wy_fwd_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, sid_ref, tin_ref, w_re
     beta_C = _vec(beta_ref, t0, C)
     dec = _decay_at(gc_ref, sid_ref, t0, C)
     if tin_ref is None:
-      _, _, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec)
+      _, _, t_CxC = wy_matrix(k_CxK, beta_C, dec, prec, inv_prec, inv_block)
       if tout_ref is not None:
         tout_ref[pl.ds(t0, C), :] = t_CxC
     else:
@@ -277,7 +278,7 @@ def _dqk_kernel(q_ref, k_ref, gc_ref, sid_ref, hs_ref, dhs_ref, vn_ref, dvn_ref,
 
 
 def _wy_bwd_kernel(k_ref, v_ref, gc_ref, beta_ref, sid_ref, t_ref, dw_ref, du_ref, dk_part_ref, dgc_part_ref,
-                   dk_ref, dv_ref, dbeta_ref, dgc_ref, *, C, L, prec, inv_prec, bk, bv):
+                   dk_ref, dv_ref, dbeta_ref, dgc_ref, *, C, L, prec, inv_prec, inv_block, bk, bv):
   """Gradients through W = T diag(beta d) K, U = T diag(beta) V, T = (I + A)^-1 on [C, bk] / [C, bv] tiles."""
   cd = k_ref.dtype
   nk, nv = k_ref.shape[-1] // bk, v_ref.shape[-1] // bv
@@ -295,7 +296,7 @@ def _wy_bwd_kernel(k_ref, v_ref, gc_ref, beta_ref, sid_ref, t_ref, dw_ref, du_re
         + [mm(_cols(du_ref, t0, C, j, bv), _scale_rows(_cols(v_ref, t0, C, j, bv), beta_C, cd), tb=True,
               precision=prec) for j in range(nv)])
     a_CxC = strict_lower(beta_C[:, None] * kk_CxC * dec.gam_CxC)
-    t_CxC = unit_lower_inverse(a_CxC, inv_prec) if t_ref is None else _rows(t_ref, t0, C)
+    t_CxC = unit_lower_inverse(a_CxC, inv_prec, inv_block) if t_ref is None else _rows(t_ref, t0, C)
     da_CxC = -strict_lower(mm(mm(t_CxC, dt_CxC, ta=True, precision=inv_prec), t_CxC, tb=True,
                               precision=inv_prec))
     m_CxC = da_CxC * dec.gam_CxC
@@ -388,7 +389,8 @@ def wy_fwd(q, k, v, gc, beta, sid, t_in=None, *, C: int, scale: float, cfg: Conf
   sp = _Specs(L * C, by_rows=True)
   prec, inv = _precisions(cfg, cd)
   emit_t = emit_t and t_in is None
-  kernel = functools.partial(_wy_fwd_kernel, C=C, L=L, scale=scale, prec=prec, inv_prec=inv)
+  kernel = functools.partial(_wy_fwd_kernel, C=C, L=L, scale=scale, prec=prec, inv_prec=inv,
+                             inv_block=cfg.inv_block)
   args_specs = list(zip([q, k, v, gc, beta, sid, t_in],
                          [sp.tok(K), sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C)]))
   outs = [(jax.ShapeDtypeStruct((B, Tp, H, K), cd), sp.tok(K)), (jax.ShapeDtypeStruct((B, Tp, H, V), cd), sp.tok(V)),
@@ -482,7 +484,7 @@ def wy_bwd(k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part, *, C: int, dk_dtyp
   L, J = _par_layout(Tp, C, cfg)
   sp = _Specs(L * C, by_rows=True)
   prec, inv = _precisions(cfg, cd)
-  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv,
+  kernel = functools.partial(_wy_bwd_kernel, C=C, L=L, prec=prec, inv_prec=inv, inv_block=cfg.inv_block,
                              **_bwd_tiles(K, V, cfg.wyb_block, cd))
   args_specs = list(zip([k, v, gc, beta, sid, t, dw, du, dk_part, dgc_part],
                          [sp.tok(K), sp.tok(V), sp.vec(), sp.vec(), sp.seg(), sp.mat(C), sp.tok(K), sp.tok(V),

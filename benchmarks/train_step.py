@@ -48,8 +48,8 @@ def model_config(smoke: bool, layout: str, **overrides) -> ModelConfig:
   L, G = dims["num_layers"], dims["num_kv_heads"]
   lay = {"all-FA": HeadLayout.all_fa(L, G), "7:1": HeadLayout.per_layer(L, [0]),
          "3:1": HeadLayout.layerwise(L, G, every=4), "all-LA": HeadLayout.all_la(L)}[layout]
-  return ModelConfig(**dims, layout=lay, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
-                     remat="full", **overrides)
+  return ModelConfig(**{**dims, "layout": lay, "tie_embeddings": True, "dtype": "bfloat16",
+                        "param_dtype": "float32", "remat": "full", **overrides})
 
 
 def flops_per_step(cfg: ModelConfig, num_params: int, T: int) -> float:

@@ -19,7 +19,8 @@ Backward (per chunk, dS' carried by a reverse scan over chunks):
 then everything else is chunk-parallel: [d(beta v) | d(beta gam k)] = A^-T [d delta | -d delta S^T],
 dA = -[d(beta v) | d(beta gam k)] [u | w]^T on the strict lower triangle, and the gate gradient
 flows into gc through Gam and gam, then dg = reverse cumsum of dgc. The backward recomputes A, u, w
-from the inputs; the only saved intermediates are the chunk-entry states [B, N, H, K, V].
+from the inputs; the only saved intermediates are the chunk-entry states [B, N, H, K, V]. A^-1 comes from the
+kernels' block-merge inverse (``chunk_math.unit_lower_inverse``, matmuls only), applied by einsum.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 
+from pallas_kernels.gated_delta_rule.chunk_math import unit_lower_inverse
 from pallas_kernels.gated_delta_rule.reference import einsum, segment_resets
 
 Array = jax.Array
@@ -80,7 +81,17 @@ class _Chunks(NamedTuple):
   gamma: Array  # gam [B, N, H, C]
   kk: Array  # K K^T [B, N, H, C, C]
   lower: Array  # strict lower part of A [B, N, H, C, C]
+  inv: Array  # A^-1 [B, N, H, C, C] (unit lower triangular)
   uw: Array  # [u | w] [B, N, H, C, V + K]
+
+
+def _inverse(lower: Array) -> Array:
+  """(I + lower)^-1 of every chunk: the kernels' block-merge inverse (matmuls only). Not LAPACK's trsm: on the
+  CPU, jax's trsm splits its batch over the intra-op thread pool and blocks on it, which deadlocked when several
+  devices of one process (context parallelism on fake CPU devices) solved at once on a 2-core machine."""
+  C = lower.shape[-1]
+  inv = jax.vmap(lambda a: unit_lower_inverse(a, lax.Precision.HIGHEST))(lower.reshape(-1, C, C))
+  return inv.reshape(lower.shape)
 
 
 def _intra_chunk(q, k, v, g, beta, resets, C: int) -> _Chunks:
@@ -94,8 +105,9 @@ def _intra_chunk(q, k, v, g, beta, resets, C: int) -> _Chunks:
   strict_CxC = jnp.tril(jnp.ones((C, C), bool), -1)
   lower = jnp.where(strict_CxC, beta_c[..., :, None] * kk * decay, 0.0)
   rhs = jnp.concatenate([beta_c[..., None] * v_c, (beta_c * gamma)[..., None] * k_c], axis=-1)
-  uw = solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
-  return _Chunks(q_c, k_c, v_c, beta_c, decay, gamma, kk, lower, uw)
+  inv = _inverse(lower)
+  uw = einsum("bnhij,bnhjx->bnhix", inv, rhs)
+  return _Chunks(q_c, k_c, v_c, beta_c, decay, gamma, kk, lower, inv, uw)
 
 
 def _time_major(*xs: Array) -> tuple[Array, ...]:
@@ -190,8 +202,7 @@ def _core_bwd(scale, C, res, cts):
 
   # delta = u - w S, [u | w] = A^-1 [beta v | beta gam k].
   dw = -einsum("bnhcv,bnhkv->bnhck", ddelta, states)
-  drhs = solve_triangular(c.lower, jnp.concatenate([ddelta, dw], -1), lower=True, trans="T",
-                          unit_diagonal=True)
+  drhs = einsum("bnhji,bnhjx->bnhix", c.inv, jnp.concatenate([ddelta, dw], -1))  # A^-T [d delta | dw]
   strict_CxC = jnp.tril(jnp.ones((C, C), bool), -1)
   da = jnp.where(strict_CxC, -einsum("bnhix,bnhjx->bnhij", drhs, c.uw), 0.0)
   dbv, dbgk = drhs[..., :V], drhs[..., V:]

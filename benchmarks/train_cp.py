@@ -97,8 +97,7 @@ def cell_subprocess(args, T: int, layout: str, cp: int) -> dict:
   env = dict(os.environ)
   if args.smoke:  # fake CPU devices, before JAX starts in the child
     env["JAX_PLATFORMS"] = "cpu"
-    count = max(args.cp)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(args.cp)}").strip()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
   except subprocess.TimeoutExpired:

@@ -153,6 +153,23 @@ def test_correlated_keys_no_decay(backend_cfg, rng):
   _compare(backend_cfg, (q, k, v, g, beta, h0), _segments(rng, 2, 150, p=0.01))
 
 
+@pytest.mark.parametrize("C", [16, 64])
+def test_unit_lower_inverse_every_block_size(C, rng):
+  """(I + A)^-1 by block substitution + merges equals the float64 inverse for every diagonal-block size, on the
+  hard case above (correlated keys, no decay, beta up to 1), within float32 rounding."""
+  from pallas_kernels.gated_delta_rule.chunk_math import unit_lower_inverse
+
+  common = rng.normal(size=32)
+  k = 0.3 * rng.normal(size=(C, 32)) + 2.0 * common / np.linalg.norm(common)
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  beta = rng.uniform(0.5, 1.0, size=C)
+  a = np.tril(beta[:, None] * (k @ k.T), -1)
+  want = np.linalg.inv(np.eye(C) + a)
+  for block in (1, 2, 4, 8, 16):
+    got = np.asarray(unit_lower_inverse(jnp.asarray(a, jnp.float32), jax.lax.Precision.HIGHEST, block))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (C, block)
+
+
 @pytest.mark.parametrize("backend_cfg", BACKENDS)
 def test_no_segments_small_chunk(backend_cfg, rng):
   """No segment ids, chunk 32, several chunks, a reset at no chunk boundary."""

@@ -301,6 +301,9 @@ def test_shipped_configs():
 
   tiny = sconfig.load(os.path.join(ROOT, "configs", "study", "tiny.py"))
   smol = sconfig.load(os.path.join(ROOT, "configs", "study", "smollm2.py"))
+  smoke = sconfig.load(os.path.join(ROOT, "configs", "study", "smollm2_smoke.py"))  # the CPU smoke of the arms
+  assert smoke.arms == smol.arms and smoke.budget == "smoke" and smoke.out_dir.startswith(os.path.join(ROOT, "runs"))
+  assert [o for o in smoke.transfer_overrides if o.startswith("corpus.out")] == []  # its own corpus, not the recipe's
   roles = {a.role for a in smol.arms}
   assert {"teacher", "head_exact", "head_retrieval", "random", "layerwise_budget", "layerwise_3to1", "all_la",
           "no_fusion", "kv_sharing"} <= roles and {a.role for a in tiny.arms} == roles

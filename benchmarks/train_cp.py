@@ -149,7 +149,7 @@ def main() -> None:
       res = {"T": T, "layout": layout, "cp": cp, "error": ("OOM: " if "RESOURCE_EXHAUSTED" in msg else "") + msg}
     print(json.dumps(res), flush=True)
     return
-  if min(args.steps, args.warmup + 1) < 1:
+  if args.steps < 1 or args.warmup < 0:
     ap.error("--steps must be >= 1 and --warmup >= 0")
   if args.smoke:
     args.lengths, args.steps, args.cp = [256], 2, args.cp or [1, 4]

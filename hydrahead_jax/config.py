@@ -20,6 +20,7 @@ import jax.numpy as jnp
 FUSION_VARIANTS = ("scale_norm", "rmsnorm_all", "none")
 LA_SHARING = ("none", "kv", "kv_gates")
 REMAT_POLICIES = ("none", "full", "dots", "save_proj", "offload")  # per layer; see nn/model.py _REMAT_POLICIES
+FA_CONTEXT_ALGORITHMS = ("heads", "gather")  # ModelConfig.fa_context_algorithm (parallel/context.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,7 @@ class ModelConfig:
     if self.fa_packed_implementation not in (None, "pallas", "mask"):
       raise ValueError(f"model.fa_packed_implementation: {self.fa_packed_implementation!r}; choose None (auto), "
                        "'pallas' or 'mask'")
-    if self.fa_context_algorithm not in (None, "heads", "gather"):
+    if self.fa_context_algorithm not in (None, *FA_CONTEXT_ALGORITHMS):
       raise ValueError(f"model.fa_context_algorithm: {self.fa_context_algorithm!r}; choose None (auto), 'heads' or "
                        "'gather'")
     for name in ("conv_implementation", "fusion_implementation"):

@@ -64,7 +64,7 @@ def run_batch(model, tokenizer, examples: Sequence[Example], settings: RunSettin
   A = max(len(e.answer) for e in rows)
   if A > settings.max_new_tokens:
     raise ValueError(f"eval: answers of {A} tokens exceed --max-new-tokens {settings.max_new_tokens}")
-  S = settings.cache_slots or round_up(L + settings.max_new_tokens, 64)
+  S = settings.cache_slots or suite_slots([L], settings.max_new_tokens)
   if S < L + settings.max_new_tokens:
     raise ValueError(f"eval: cache_slots {S} < prompt length {L} + max_new_tokens {settings.max_new_tokens}")
   opts = settings.compiler_options

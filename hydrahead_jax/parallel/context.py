@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from hydrahead_jax.config import FA_CONTEXT_ALGORITHMS
 from hydrahead_jax.ops import gated_delta_rule
 from hydrahead_jax.ops.packed_attention import attend_segments, pallas_packed_attention, segment_mask
 from hydrahead_jax.sharding import fit_pspec, logical_to_pspec, shard_map_skipping_none
@@ -105,9 +106,6 @@ def _gather_t(x):
 
 
 # -- FA heads ---------------------------------------------------------------------------------------------------------
-CONTEXT_ATTENTION_ALGORITHMS = ("heads", "gather")
-
-
 def heads_split_fits(num_heads: int, num_groups: int, n: int) -> bool:
   """Whether 'heads' can give each of n devices num_heads / n contiguous query heads whose KV groups it can take
   whole: the per-device heads are whole groups, or lie inside one group."""
@@ -144,7 +142,7 @@ def context_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, *, scale
   fits = heads_split_fits(h_dev, g_dev, n)
   if algorithm is None:
     algorithm = "heads" if fits else "gather"
-  elif algorithm not in CONTEXT_ATTENTION_ALGORITHMS:
+  elif algorithm not in FA_CONTEXT_ALGORITHMS:
     raise ValueError(f"context attention: algorithm {algorithm!r}; choose None (auto), 'heads' or 'gather'")
   elif algorithm == "heads" and not fits:
     raise ValueError(f"context attention 'heads': {h_dev} query heads in {g_dev} KV groups per device do not split "

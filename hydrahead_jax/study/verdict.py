@@ -231,8 +231,9 @@ class Judge:
   def claim2(self) -> Claim:
     missing = self._need("head_exact", "head_retrieval", "random")
     rnd = self.arms("random")[0]
+    chosen_roles = (("head_exact", "exact", "exact patching"), ("head_retrieval", "retrieval", "retrieval score"))
     parts = []
-    for role in ("head_exact", "head_retrieval"):
+    for role, _, _ in chosen_roles:
       chosen = self.arms(role)[0]
       if not chosen or not rnd:
         parts.append(None)
@@ -241,19 +242,19 @@ class Judge:
       else:
         parts.append(self.superiority(2, chosen, rnd))
     if missing:  # inconclusive; the comparison that exists so far is shown
-      so_far = [f"so far, {role} vs random: {c.verdict}: {c.why}" for role, c in
-                zip(("exact patching", "retrieval score"), parts) if c is not None]
+      so_far = [f"so far, {label} vs random: {c.verdict}: {c.why}" for (_, _, label), c in zip(chosen_roles, parts)
+                if c is not None]
       return Claim(2, INCONCLUSIVE, " | ".join([missing] + so_far),
-                   {k: c.numbers for k, c in zip(("exact", "retrieval"), parts) if c is not None})
+                   {key: c.numbers for (_, key, _), c in zip(chosen_roles, parts) if c is not None})
     verdicts = {c.verdict for c in parts}
     verdict = next(iter(verdicts)) if len(verdicts) == 1 else INCONCLUSIVE
-    why = " | ".join(f"{role}: {c.verdict}: {c.why}" for role, c in zip(("exact patching", "retrieval score"), parts))
+    why = " | ".join(f"{label}: {c.verdict}: {c.why}" for (_, _, label), c in zip(chosen_roles, parts))
     if len(verdicts) > 1:
       why = "mixed outcomes | " + why
     absent = self.arms("random")[1]
     if absent:
       why += f" (random arm {', '.join(absent)} missing: {len(rnd)} random layout(s) pooled)"
-    return Claim(2, verdict, why, {"exact": parts[0].numbers, "retrieval": parts[1].numbers})
+    return Claim(2, verdict, why, {key: c.numbers for (_, key, _), c in zip(chosen_roles, parts)})
 
   def claim3(self) -> Claim:
     pair = self._pair(3, "head_exact", "no_fusion")

@@ -409,7 +409,6 @@ def _cached_eval(ctx: Context, name: str, get_model) -> dict | None:
   res = evaluate.evaluate(get_model(), ctx.eval_sets, ctx.eval_text, ctx.teacher, ctx.cfg.eval.batch_size,
                           ctx.pre.window)
   res["seconds"] = time.time() - t0
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   _write(path, res)
   return res
 

@@ -59,7 +59,8 @@ def setup(tmp_path_factory, cache_dir):
         arms = (ArmConfig("1", "teacher", role="teacher", kind="teacher"),
                 ArmConfig("2", "head-level", role="head_exact", layout=LayoutSpec(file={str(d / 'layout.json')!r})),
                 ArmConfig("6", "layer-wise", role="layerwise_3to1", layout=LayoutSpec(policy="layerwise_even",
-                                                                                      budget="1:1")),
+                                                                                      budget="1:1"),
+                          note="left out of the fixture"),
                 ArmConfig("7", "all LA", role="all_la", layout=LayoutSpec(policy="all_la")))
         return StudyConfig(name="test", transfer={str(d / 'transfer.py')!r}, arms=arms, budgets={{"b": ()}},
                            budget="b", minutes_per_arm=1.0,
@@ -117,7 +118,7 @@ def test_end_to_end_results(ran):
 
 def test_report_lists_missing_arm(ran):
   text = (ran / "results.md").read_text()
-  assert "arm 6 (layer-wise): missing" in text
+  assert "arm 6 (layer-wise): missing" in text and "(not run or imported yet); left out of the fixture" in text
   assert "1. **head-level 7:1 keeps retrieval about as well as layer-wise 3:1: INCONCLUSIVE.** arm 6" in text
   for png in ("accuracy_vs_length.png", "accuracy_heatmap.png"):
     assert os.path.getsize(ran / "out" / png) > 1000 and f"](out/{png})" in text
@@ -243,6 +244,10 @@ def _with(**accs):
 def test_verdict_claim1():
   j = _judge(_with())
   assert j.claim1().verdict == "reproduced"  # equal scores: the interval is well above -0.10
+  assert "the teacher scores 0.600 here; kept: arm 2 100%, arm 6 100%" in j.claim1().why
+  c = _judge(_with(a6={1024: 0.15, 4096: 0.15})).claim1()
+  assert "kept: arm 2 100%, arm 6 25%" in c.why and c.verdict == "reproduced"
+  assert "teacher scores" not in _judge([r for r in _with() if r["arm"] != "1"]).claim1().why
   assert _judge(_with(a6={1024: 0.95, 4096: 0.95})).claim1().verdict == "not reproduced"
   assert _judge(_with(a6={1024: 0.72, 4096: 0.72})).claim1().verdict == "inconclusive"  # straddles -0.10
   assert _judge(_with(a2={1024: 0.02, 4096: 0.0}, a6={1024: 0.0, 4096: 0.05})).claim1().verdict == "inconclusive"
@@ -279,7 +284,13 @@ def test_verdict_claim3_and_4():
   assert _judge(_with()).claim3().verdict == "not reproduced"
   assert _judge(_with(a8={1024: 0.57, 4096: 0.57})).claim3().verdict == "inconclusive"
   c4 = _judge(_with()).claim4()  # 0.5 beyond the window vs the teacher's 0.0
-  assert c4.verdict == "reproduced" and c4.numbers["lengths"] == [16384]
+  assert c4.verdict == "reproduced" and c4.numbers["lengths"] == [16384] and "perplexity" not in c4.why
+  with_ppl = _with()
+  for r, ppls in zip(with_ppl[:2], ((20.0, 30.0, 900.0), (21.0, 25.5, 40.25))):  # teacher, arm 2
+    r["eval"]["ppl"] = {"buckets": [{"start": s, "end": e, "ppl": p}
+                                    for (s, e), p in zip(((0, 8192), (8192, 16384), (16384, 32768)), ppls)]}
+  c4 = _judge(with_ppl).claim4()
+  assert "perplexity past the window, arm 2 vs arm 1: 8K-16K 25.5 vs 30.0, 16K-32K 40.2 vs 900.0" in c4.why
   assert _judge(_with(a2={**IN, 16384: 0.0})).claim4().verdict == "not reproduced"
   assert _judge(_with(a2={**IN, 16384: 0.04})).claim4().verdict == "inconclusive"
   c4 = _judge(_with(a2=IN)).claim4()  # never evaluated beyond the window

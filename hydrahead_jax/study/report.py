@@ -151,7 +151,7 @@ def write_report(cfg: StudyConfig, out_dir: str, report_path: str) -> tuple[str,
   if missing:
     lines += ["## Missing arms", ""]
     lines += [f"- arm {a.id} ({a.name}): missing - no `arm{a.id}.json` in `{os.path.relpath(out_dir, rd)}/` "
-              "(not run or imported yet)" for a in missing]
+              f"(not run or imported yet){'; ' + a.note if a.note else ''}" for a in missing]
     lines.append("")
   lines += ["## Results", ""]
   head = (["arm", "name", "layout", "FA groups", "params", "cache B/token", "train tokens", "train tok/s",

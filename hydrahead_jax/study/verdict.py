@@ -222,11 +222,26 @@ class Judge:
     if max(sa.mean, sb.mean) < self.t.floor:
       return Claim(1, INCONCLUSIVE, f"{text}; both below the floor {self.t.floor:g}: nothing to keep at this budget",
                    nums)
+    text += self._teacher_context(lengths, (sa, a), (sb, b))
     if lo >= -m:
       return Claim(1, REPRODUCED, f"{text}: at most {m:g} below layer-wise", nums)
     if hi < -m:
       return Claim(1, NOT_REPRODUCED, f"{text}: more than {m:g} below layer-wise", nums)
     return Claim(1, INCONCLUSIVE, f"{text}: the interval straddles the margin -{m:g}", nums)
+
+  def _teacher_context(self, lengths, *arms: tuple[Score, Sequence[dict]]) -> str:
+    """How much of the teacher's retrieval at ``lengths`` each arm keeps ('' without a teacher result)."""
+    teacher = self.arms("teacher")[0]
+    st = retrieval_score(teacher[0], self.tasks, lengths) if teacher else None
+    if st is None or st.mean <= 0:
+      return ""
+    kept = ", ".join(f"{_label(r)} {s.mean / st.mean:.0%}" for s, r in arms)
+    return f" (context: the teacher scores {st.mean:.3f} here; kept: {kept})"
+
+  def _ppl_beyond(self, result: dict) -> dict[tuple[int, int], float]:
+    """Held-out perplexity of the position buckets past the teacher's window."""
+    buckets = (result.get("eval", {}).get("ppl") or {}).get("buckets", [])
+    return {(b["start"], b["end"]): b["ppl"] for b in buckets if self.window and b["start"] >= self.window}
 
   def claim2(self) -> Claim:
     missing = self._need("head_exact", "head_retrieval", "random")
@@ -271,13 +286,23 @@ class Judge:
     missing = self._need("head_exact", "teacher")
     if missing:
       return Claim(4, INCONCLUSIVE, missing)
-    return self.superiority(4, self.arms("head_exact")[0], self.arms("teacher")[0], beyond=True, use_floor=False)
+    (a,), (b,) = self.arms("head_exact")[0][:1], self.arms("teacher")[0][:1]
+    c = self.superiority(4, [a], [b], beyond=True, use_floor=False)
+    pa, pb = self._ppl_beyond(a), self._ppl_beyond(b)
+    if (both := [k for k in pa if k in pb]):
+      c.why += (f" (context: held-out perplexity past the window, {_label([a])} vs {_label([b])}: " + ", ".join(
+          f"{_len(s)}-{_len(e)} {pa[(s, e)]:.1f} vs {pb[(s, e)]:.1f}" for s, e in both) + ")")
+    return c
 
   def all(self) -> list[Claim]:
     return [self.claim1(), self.claim2(), self.claim3(), self.claim4()]
 
 
-def _lens(lengths) -> str:
+def _len(L: int) -> str:
   from hydrahead_jax.eval.report import length_label
 
-  return ",".join(length_label(L) for L in lengths)
+  return length_label(L)
+
+
+def _lens(lengths) -> str:
+  return ",".join(_len(L) for L in lengths)

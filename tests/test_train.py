@@ -166,6 +166,34 @@ def test_optimizer_freeze_and_decay_masks():
 
 
 # -- data position through a checkpoint ------------------------------------------------------------
+def test_step_window_times_throughput_apart_from_compile_and_stops_on_nan(monkeypatch):
+  """The metrics window both loops use (train and the transfer's stages): first window = compile time, the rest
+  throughput (less excluded evaluation time); a non-finite step is reported, then raises TrainingDiverged."""
+  from hydrahead_jax.train import loop
+
+  clock = [100.0]
+  monkeypatch.setattr(loop.time, "time", lambda: clock[0])
+  w = loop.StepWindow(tokens_per_step=10, keep_losses=3)
+  ok = lambda loss: {"ok": True, "loss": loss}  # noqa: E731
+  w.add(1, ok(5.0))
+  w.first_step_done()
+  clock[0] += 7.0
+  rows, tok_s, dt, n = w.drain(dict, None)
+  assert w.first_s == 7.0 and np.isnan(tok_s) and n == 0 and w.tokens_per_s is None and rows[0][0] == 1
+  for step in (2, 3, 4, 5):
+    w.add(step, ok(float(step)), "phase0")
+  clock[0] += 6.0
+  w.exclude(2.0)  # an evaluation inside the window
+  rows, tok_s, dt, n = w.drain(dict, 1)
+  assert (dt, n, tok_s) == (4.0, 4, 10.0) and [r[2] for r in rows] == ["phase0"] * 4
+  assert list(w.recent) == [3.0, 4.0, 5.0] and w.tokens_per_s == 10.0 and not w.pending
+  seen = []
+  w.add(6, {"ok": False, "loss": float("nan"), "grad_norm": float("inf")})
+  with pytest.raises(loop.TrainingDiverged, match="step 6.*Last good checkpoint: step 5"):
+    w.drain(dict, 5, lambda s, m: seen.append(s))
+  assert seen == [6]
+
+
 def test_data_iterator_resumes_at_next_batch_via_checkpoint(tmp_path):
   from hydrahead_jax.data.pipeline import make_train_iterator
   from hydrahead_jax.train.checkpoint import Checkpointer

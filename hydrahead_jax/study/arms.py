@@ -77,7 +77,7 @@ class Study:
     t = self.base.teacher
     if t.source != "train":
       return t.source
-    from hydrahead_jax.transfer.runner import train_teacher
+    from hydrahead_jax.transfer.prepare import train_teacher
 
     return train_teacher(t, self.path("shared"), self.print)
 

@@ -49,6 +49,58 @@ class TrainingDiverged(RuntimeError):
         f"{'step ' + str(last_checkpoint) if last_checkpoint is not None else 'none'}")
 
 
+class StepWindow:
+  """The steps since their metrics were last read back (one device-to-host transfer per window, not per step).
+  ``drain`` fetches them, stops at a non-finite step (TrainingDiverged, after ``on_diverged`` logged it) and times
+  the window: the first one (compile + first step) apart, the others as throughput. Used by ``train`` and by the
+  transfer's stages."""
+
+  def __init__(self, tokens_per_step: int, keep_losses: int):
+    self.tokens_per_step = tokens_per_step
+    self.pending: list[tuple] = []
+    self.recent: collections.deque = collections.deque(maxlen=keep_losses)  # the last losses: the final loss
+    self.first_s: float | None = None
+    self.train_s, self.train_steps = 0.0, 0
+    self._start, self._steps = time.time(), 0
+
+  def add(self, step: int, metrics: Any, *tags) -> None:
+    self.pending.append((step, metrics, tags))
+    self._steps += 1
+
+  def first_step_done(self) -> None:
+    """Called once the first step has finished: it counts as compile time, not throughput."""
+    self._steps = 0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` spent on something else (an evaluation) out of the window's time."""
+    self._start += seconds
+
+  def drain(self, to_host: Callable[[Any], dict], last_saved: int | None,
+            on_diverged: Callable[..., None] = lambda *a: None):
+    """(rows [(step, to_host(metrics), *tags)], tokens/s of the window (nan without timed steps), its seconds,
+    its timed steps)."""
+    rows = [(s, to_host(m), *tags) for s, m, tags in self.pending]
+    self.pending.clear()
+    dt, n = time.time() - self._start, self._steps
+    for s, m, *tags in rows:
+      if not m["ok"]:
+        on_diverged(s, m, *tags)
+        raise TrainingDiverged(s, m, last_saved)
+    if self.first_s is None:
+      self.first_s = dt
+    else:
+      self.train_s += dt
+      self.train_steps += n
+    self.recent.extend(m["loss"] for _, m, *_ in rows)
+    self._start, self._steps = time.time(), 0
+    return rows, (n * self.tokens_per_step / dt if dt > 0 and n else float("nan")), dt, n
+
+  @property
+  def tokens_per_s(self) -> float | None:
+    """Throughput over every window but the first."""
+    return self.train_steps * self.tokens_per_step / self.train_s if self.train_s > 0 else None
+
+
 # -- small helpers --------------------------------------------------------------------------------
 def make_mesh(cfg: Config) -> jax.sharding.Mesh:
   """data x fsdp x context mesh (axes of size 1 besides 'data' left out); 'context' splits every sequence
@@ -340,34 +392,17 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
       pbar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   mininterval=0.5)
       stack.callback(pbar.close)
-    pending: list[tuple[int, Any]] = []
-    recent = collections.deque(maxlen=max(10, cfg.train.log_every))
-    timing = {"compile_and_first_step": None, "train_time": 0.0, "train_steps": 0}
+    window = StepWindow(tokens_per_step, max(10, cfg.train.log_every))
     last_eval: dict[str, float] = {}
     last_saved = latest
-    t_window = time.time()
-    window_steps = 0
 
     def flush() -> None:
-      nonlocal t_window, window_steps
-      if not pending:
+      if not window.pending:
         return
-      rows = [(s, host_metrics(m)) for s, m in pending]
-      pending.clear()
+      rows, tok_s, dt, window_steps = window.drain(host_metrics, last_saved,
+                                                   lambda s, m: log.write({"step": s, **m}))
       now = time.time()
-      dt = now - t_window
       for s, m in rows:
-        if not m["ok"]:
-          log.write({"step": s, **m})
-          raise TrainingDiverged(s, m, last_saved)
-      if timing["compile_and_first_step"] is None:
-        timing["compile_and_first_step"] = dt
-      else:
-        timing["train_time"] += dt
-        timing["train_steps"] += window_steps
-      tok_s = window_steps * tokens_per_step / dt if dt > 0 else 0.0
-      for s, m in rows:
-        recent.append(m["loss"])
         row = {"step": s, "loss": m["loss"], "grad_norm": m["grad_norm"], "param_norm": m["param_norm"],
                "lr": m["lr"], "tokens_per_s": tok_s, "time": now - t_start}
         if "answer_acc" in m:
@@ -382,7 +417,6 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
         eta = (cfg.train.steps - s) * dt / max(window_steps, 1) if window_steps else float("nan")
         print_fn(f"step {s}/{cfg.train.steps} loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
                  f"tok/s {tok_s:,.0f} eta {eta:.0f}s")
-      t_window, window_steps = time.time(), 0
 
     def save(step: int) -> None:
       nonlocal last_saved
@@ -401,11 +435,10 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
       trainer.state, metrics = step_fn(trainer.state, batch)
       step += 1
       trainer.step = step
-      pending.append((step, metrics))
-      window_steps += 1
+      window.add(step, metrics)
       if first:  # compile + first step, timed separately from the throughput
         jax.block_until_ready(metrics)
-        window_steps = 0
+        window.first_step_done()
         first = False
         flush_now = True
       else:
@@ -419,7 +452,7 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
       if do_eval:
         t_eval = time.time()
         last_eval = run_eval(step)
-        t_window += time.time() - t_eval
+        window.exclude(time.time() - t_eval)
       for cb in callbacks:
         cb("step", step, trainer)
     flush()
@@ -441,12 +474,11 @@ def train(cfg: Config, callbacks: Iterable[Callback] = (), print_fn: Callable[[s
   summary = {
       "step": step,
       "status": "interrupted" if interrupted else "complete",
-      "final_loss": float(np.mean(recent)) if recent else None,
+      "final_loss": float(np.mean(window.recent)) if window.recent else None,
       "eval": {k: v for k, v in last_eval.items() if k != "step"},
       "retrieval_acc": last_eval.get("eval/retrieval_acc"),
-      "tokens_per_s": (timing["train_steps"] * tokens_per_step / timing["train_time"]
-                       if timing["train_time"] > 0 else None),
-      "compile_and_first_step_s": timing["compile_and_first_step"],
+      "tokens_per_s": window.tokens_per_s,
+      "compile_and_first_step_s": window.first_s,
       "wall_s": wall,
       "workdir": workdir,
       "checkpoint": ckpt.last_committed,

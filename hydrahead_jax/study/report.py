@@ -138,8 +138,9 @@ def write_report(cfg: StudyConfig, out_dir: str, report_path: str) -> tuple[str,
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Replication study: {cfg.name}", "",
            f"Generated {now} by `python -m hydrahead_jax.study --report` from the arm results in "
-           f"`{os.path.relpath(out_dir, rd)}/` ({len(results)} of {len(cfg.arms)} arms). How to run and extend it: "
-           "docs/study.md. Every number below is computed from those files; so are the verdicts.", "",
+           f"`{os.path.relpath(out_dir, rd)}/` ({len(results)} of {len(cfg.arms)} arms). How to run and extend it, and "
+           "what the results say in plain words: docs/study.md. Every number below is computed from those files; so "
+           "are the verdicts.", "",
            "## Verdicts", ""]
   for c in claims:
     lines.append(f"{c.number}. **{c.text}: {c.verdict.upper()}.** {c.why}")

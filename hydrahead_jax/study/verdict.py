@@ -219,10 +219,10 @@ class Judge:
     nums, d, lo, hi = self._numbers(a, b, sa, sb, lengths)
     text = self._text(a, b, sa, sb, d, lo, hi, lengths)
     m = self.t.margin
+    text += self._teacher_context(lengths, (sa, a), (sb, b))
     if max(sa.mean, sb.mean) < self.t.floor:
       return Claim(1, INCONCLUSIVE, f"{text}; both below the floor {self.t.floor:g}: nothing to keep at this budget",
                    nums)
-    text += self._teacher_context(lengths, (sa, a), (sb, b))
     if lo >= -m:
       return Claim(1, REPRODUCED, f"{text}: at most {m:g} below layer-wise", nums)
     if hi < -m:

@@ -95,7 +95,7 @@ def _variants():
 def part_check(out: str) -> dict:
   import jax
   import jax.numpy as jnp
-  from pallas_kernels.gated_delta_rule import bench, gpu_triton
+  from pallas_kernels.gated_delta_rule import bench
 
   res = {"versions": _versions()}
   B, T, H, K, V = (2, 1000, 4, 128, 128) if not INTERPRET else (1, 200, 2, 32, 32)

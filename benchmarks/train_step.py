@@ -15,7 +15,6 @@ runtime peak, which is also reported), parameters.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -9,7 +9,6 @@ whole call, and every later call with the same buckets.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Sequence
 

@@ -12,8 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hydrahead_jax.config import ModelConfig
 from hydrahead_jax.nn.layers import HEADS_NAMES, RMSNorm, apply_rope, fan_in_normal, make_param, project
-from hydrahead_jax.ops.packed_attention import (PACKED_ALIGN, PACKED_BLOCKS, attend_segments,  # noqa: F401
-                                                 packed_implementation, pallas_packed_attention, segment_mask)
+from hydrahead_jax.ops.packed_attention import attend_segments, pallas_packed_attention, segment_mask
 from hydrahead_jax.parallel.context import context_attention, context_size
 from hydrahead_jax.sharding import constrain, per_shard
 

@@ -5,7 +5,6 @@ Shape letters: B batch, T length, Hf FA heads, Hl LA heads, K head dim.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

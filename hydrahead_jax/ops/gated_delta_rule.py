@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp

@@ -217,6 +217,12 @@ class ModelConfig:
     n = self.num_la_heads(layer)
     return n if self.la_sharing == "none" else n // self.heads_per_group
 
+  def num_la_states(self, layer: int) -> int:
+    """Delta-rule states of the layer's LA heads: one per head, or one per LA KV group with la_sharing='kv_gates'
+    (the heads of a group share k, v and gates, so their states are equal: grouped-query linear attention)."""
+    n = self.num_la_heads(layer)
+    return n // self.heads_per_group if self.la_sharing == "kv_gates" else n
+
   def num_la_heads(self, layer: int) -> int:
     return self.num_heads - self.num_fa_heads(layer)
 

@@ -175,9 +175,10 @@ def test_cache_sizes_and_errors():
   # per token: 3 FA groups in all x K and V x head_dim 8 x 4 bytes; LA: 6 LA heads x (8x8 f32 state + 3 tails x 3 x 8)
   assert cache_bytes(cfg, 1) == {"per_token": 3 * 2 * 8 * 4, "fixed": 6 * (64 * 4 + 3 * 3 * 8 * 4),
                                  "total": 3 * 2 * 8 * 4 + 6 * (64 * 4 + 3 * 3 * 8 * 4)}
-  shared = make("head_level_shared_kv_gates")  # k/v conv tails per KV group: 3 LA heads' worth fewer per layer
+  shared = make("head_level_shared_kv_gates")  # k/v conv tails and the state per KV group (2 LA heads share them)
   assert cache_nbytes(init_cache(shared, 1, 8)) == cache_bytes(shared.cfg, 8)["total"] + 4 * 2
-  assert cache_bytes(shared.cfg, 1)["fixed"] == L * (2 * 64 * 4 + (2 + 2 * 1) * 3 * 8 * 4)  # 2 LA heads, 1 k/v head
+  assert init_cache(shared, 1, 8).layers[0].state.shape == (L, 1, 1, 8, 8)  # [layers, B, one state, K, K]
+  assert cache_bytes(shared.cfg, 1)["fixed"] == L * (1 * 64 * 4 + (2 + 2 * 1) * 3 * 8 * 4)  # 2 LA heads, 1 k/v head
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, [[1, 2], []], 4)
   with pytest.raises(ValueError, match="do not fit"):

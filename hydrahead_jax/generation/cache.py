@@ -2,7 +2,8 @@
 
 Per layer (``LayerCache``; a stacked segment's arrays carry a leading ``layers`` axis, so decoding scans too):
   k, v     [B, S, Gf, K]   FA keys (after QK-norm and RoPE) and values, S = the cache's slot count;
-  state    [B, Hl, K, K]   float32 delta-rule state of the LA heads;
+  state    [B, Hs, K, K]   float32 delta-rule states of the LA heads (Hs = Hl, or one per LA KV group with
+                           la_sharing='kv_gates', whose heads share k, v and gates: ``cfg.num_la_states``);
   conv_q/k/v [B, W-1, Hl, K] the last W-1 pre-conv inputs of the LA q, k, v (the short conv's history).
 A layer without FA groups has k = v = None; one without LA heads has state = conv_* = None. Nothing is stored
 per token for LA heads.
@@ -60,9 +61,10 @@ def init_cache(cfg_or_model, batch_size: int, max_length: int, dtype=None) -> Hy
     lead = (seg.length,) if seg.stacked else ()
     gf = seg.num_fa_groups
     hl, hkv = cfg.num_la_heads(seg.start), cfg.num_la_kv_heads(seg.start)  # q tails per head, k/v per k/v head
+    hs = cfg.num_la_states(seg.start)
     zeros = lambda *shape, d=dt: jnp.zeros(lead + shape, d)  # noqa: E731
     kv = (zeros(B, S, gf, K), zeros(B, S, gf, K)) if gf else (None, None)
-    la = ((zeros(B, hl, K, K, d=jnp.float32), zeros(B, W1, hl, K), zeros(B, W1, hkv, K), zeros(B, W1, hkv, K)) if hl
+    la = ((zeros(B, hs, K, K, d=jnp.float32), zeros(B, W1, hl, K), zeros(B, W1, hkv, K), zeros(B, W1, hkv, K)) if hl
           else (None,) * 4)
     layers.append(LayerCache(*kv, *la))
   return HybridCache(tuple(layers), jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
@@ -81,7 +83,7 @@ def cache_bytes(cfg: ModelConfig, length: int, batch_size: int = 1, dtype=None) 
   per_token = fixed = 0
   for i in range(cfg.num_layers):
     gf = cfg.num_fa_groups(i)
-    hl, hkv = cfg.num_la_heads(i), cfg.num_la_kv_heads(i)
+    hl, hkv, hs = cfg.num_la_heads(i), cfg.num_la_kv_heads(i), cfg.num_la_states(i)
     per_token += 2 * gf * K * item
-    fixed += hl * K * K * 4 + (hl + 2 * hkv) * W1 * K * item
+    fixed += hs * K * K * 4 + (hl + 2 * hkv) * W1 * K * item
   return {"per_token": per_token, "fixed": fixed, "total": batch_size * (per_token * int(length) + fixed)}

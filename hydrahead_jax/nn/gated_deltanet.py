@@ -162,7 +162,8 @@ class GatedDeltaNet(nnx.Module):
   def mix_cached(self, q, k, v, a, b, z=None, *, state, conv_tails, valid_BxT):
     """mix() continuing from a cache (chunked prefill; T = 1 is a one-token recurrent update).
 
-    state [B, H, K, K] float32 is the delta-rule state before the first new token; conv_tails = (q, k, v) tails
+    state [B, Hs, K, K] float32 is the delta-rule state before the first new token (Hs = H, or one state per KV
+    group with 'kv_gates': its heads' states are equal, so the cache keeps one); conv_tails = (q, k, v) tails
     [B, W-1, H (q) or Hkv (k, v), K], the last W-1 pre-conv inputs. Tokens where ``valid_BxT`` is False (left padding) are no-ops:
     zero conv inputs, g = 0, beta = 0. Returns (raw head outputs [B, T, H, K], W_z x or None, new state,
     new conv_tails).
@@ -180,5 +181,8 @@ class GatedDeltaNet(nnx.Module):
     gdn = per_shard(lambda q, k, v, g, beta, s: gated_delta_rule(
         q, k, v, g, beta, initial_state=s, output_final_state=True, chunk_size=cfg.la_chunk_size,
         implementation=impl), (SHARD_BTHK,) * 3 + (SHARD_BTH,) * 2 + (SHARD_BHKV,), (SHARD_BTHK, SHARD_BHKV))
-    o_BxTxHxK, state = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH, state)
-    return constrain(o_BxTxHxK, HEADS_NAMES), z, state, (tq, tk, tv)
+    r = self.gate_repeat  # > 1 only with 'kv_gates': the states of a group's heads are one state
+    state_BxHxKxK = state if r == 1 else jnp.repeat(state, r, axis=1)
+    o_BxTxHxK, state_BxHxKxK = gdn(q_BxTxHxK.astype(dt), k_BxTxHxK.astype(dt), v_BxTxHxK, g_BxTxH, beta_BxTxH,
+                                   state_BxHxKxK)
+    return constrain(o_BxTxHxK, HEADS_NAMES), z, state_BxHxKxK[:, ::r], (tq, tk, tv)

@@ -1,6 +1,6 @@
 """The replication study on SmolLM2-135M-Instruct (issue #16): nine arms (ten with the second random seed), the
 same teacher, data, token budget and schedule per arm: the configs/transfer/smollm2_7to1.py recipe, imported as it
-is (align 4.2M + distil 8.4M + long 2.1M tokens at 32K; its GPU time is still to be measured).
+is (align 4.2M + distil 8.4M + long 2.1M tokens at 32K; 2.5-9 min of transfer an arm on an H200).
 
   python -m hydrahead_jax.study --config configs/study/smollm2.py --arms 1,2 --report     # on the GPU machine
   python -m hydrahead_jax.study --config configs/study/smollm2.py --report                # merge what exists

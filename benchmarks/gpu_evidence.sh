@@ -66,7 +66,7 @@ start)
   if [ "$n" -gt 1 ] && [ ! -e "$EV/C.done" ]; then
     echo "the chains of the previous start still run: collect until C.done, then start again"; exit 2
   fi
-  rm -f "$EV"/A.done "$EV"/B.done "$EV"/C.done "$EV"/armsA.done "$EV"/armsB.done
+  rm -f "$EV"/*.done
   ngpu=$(nvidia-smi -L | wc -l)
   gb=$([ "$ngpu" -ge 2 ] && echo 1 || echo 0)
   share=$([ "$ngpu" -ge 2 ] && echo 0.9 || echo 0.45)

@@ -18,11 +18,6 @@ from hydrahead_jax.transfer.context import Context, TransferInterrupted, cached_
 from hydrahead_jax.transfer.preflight import check_prepared, student_cfg
 
 
-def _train_teacher(ctx: Context) -> str:
-  """teacher.source='train': trains (or resumes) the teacher with the train.py loop; returns its model dir."""
-  return train_teacher(ctx.cfg.teacher, ctx.workdir, ctx.print_fn)
-
-
 def train_teacher(t: tconfig.TeacherConfig, workdir: str, print_fn: Callable[[str], None] = print) -> str:
   """Trains (or resumes; cached once done) the teacher of ``t.train_config`` in ``<workdir>/teacher_run`` with the
   train.py loop; returns its model dir ``<workdir>/teacher``. Also used by ``hydrahead_jax.study`` (one teacher for
@@ -90,7 +85,7 @@ def prepare_teacher(ctx: Context) -> None:
   from hydrahead_jax.interop.load import load
 
   t = ctx.cfg.teacher
-  source = _train_teacher(ctx) if t.source == "train" else t.source
+  source = train_teacher(t, ctx.workdir, ctx.print_fn) if t.source == "train" else t.source
   t0 = time.time()
   compute = t.compute_dtype or t.dtype
   tcfg, model, tok = load(source, dtype="float32", compute_dtype=compute, tokenizer=t.tokenizer or True,

@@ -80,7 +80,6 @@ class _Chunks(NamedTuple):
   decay: Array  # Gam [B, N, H, C, C]
   gamma: Array  # gam [B, N, H, C]
   kk: Array  # K K^T [B, N, H, C, C]
-  lower: Array  # strict lower part of A [B, N, H, C, C]
   inv: Array  # A^-1 [B, N, H, C, C] (unit lower triangular)
   uw: Array  # [u | w] [B, N, H, C, V + K]
 
@@ -107,7 +106,7 @@ def _intra_chunk(q, k, v, g, beta, resets, C: int) -> _Chunks:
   rhs = jnp.concatenate([beta_c[..., None] * v_c, (beta_c * gamma)[..., None] * k_c], axis=-1)
   inv = _inverse(lower)
   uw = einsum("bnhij,bnhjx->bnhix", inv, rhs)
-  return _Chunks(q_c, k_c, v_c, beta_c, decay, gamma, kk, lower, inv, uw)
+  return _Chunks(q_c, k_c, v_c, beta_c, decay, gamma, kk, inv, uw)
 
 
 def _time_major(*xs: Array) -> tuple[Array, ...]:
